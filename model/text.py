@@ -1,0 +1,24 @@
+"""Text as UTF-8 bytes: the model's byte vocabulary and the caption -> ids step."""
+
+import torch
+
+BYTE_PAD = 256
+BYTE_BOS = 257
+BYTE_EOS = 258
+BYTE_VOCAB = 259
+
+
+def encode_bytes(captions: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Captions -> (ids (B, length) long, mask (B, length) bool, True on real tokens).
+
+    BOS + UTF-8 bytes + EOS, cut to `length` and padded with BYTE_PAD. An empty caption (dropped
+    for classifier-free guidance) is BOS + EOS, so the unconditional input is a learned pair of
+    tokens rather than nothing."""
+    if length < 2:
+        raise ValueError(f"text length={length}: must be >= 2 (BOS and EOS)")
+    ids = torch.full((len(captions), length), BYTE_PAD, dtype=torch.long)
+    for row, caption in enumerate(captions):
+        body = list(caption.encode("utf-8"))[: length - 2]
+        tokens = [BYTE_BOS, *body, BYTE_EOS]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+    return ids, ids != BYTE_PAD

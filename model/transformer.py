@@ -1,0 +1,218 @@
+"""The single-stream audio-video transformer: segments in, velocities for `generate` segments out.
+
+    latents per segment --patchify + per-modality input projection--> tokens (B, N, dim)
+    -> n_modality_in ModalityBlocks -> n_shared SharedBlocks -> n_modality_out ModalityBlocks
+    -> per-modality output head on `generate` segments --unpatchify--> velocities
+
+Pure math: no parallelism, precision policy, compile or I/O here (train/ applies those).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.args import ModelArgs
+from model.block import BlockContext, ModalityBlock, SharedBlock
+from model.layout import SequenceLayout
+from model.patch import (
+    patchify_audio,
+    patchify_image,
+    patchify_video,
+    unpatchify_audio,
+    unpatchify_image,
+    unpatchify_video,
+)
+from model.rope import rope_angles
+from model.text import BYTE_VOCAB
+
+
+def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled to [0, 1000] as in DiT)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    """t -> embedding (dim) -> block modulation (6 x dim), shared by all blocks (each block adds its
+    own learned offset). Evaluated once per distinct timestep in the batch."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.freq_dim = args.time_freq_dim
+        self.mlp = nn.Sequential(nn.Linear(args.time_freq_dim, args.dim), nn.SiLU(), nn.Linear(args.dim, args.dim))
+        self.to_modulation = nn.Linear(args.dim, 6 * args.dim)
+
+    def reset_parameters(self):
+        for lin in (self.mlp[0], self.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        nn.init.zeros_(self.to_modulation.weight)  # adaLN-Zero: every residual gate starts at 0
+        nn.init.zeros_(self.to_modulation.bias)
+
+    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (U,) -> (embedding (U, dim), modulation (U, 6, dim))."""
+        emb = self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+        return emb, self.to_modulation(F.silu(emb)).unflatten(-1, (6, -1))
+
+
+class OutputHead(nn.Module):
+    """Final norm, timestep shift/scale, projection to one token's latent patch. Zero-initialised
+    so an untrained model predicts zero velocity."""
+
+    def __init__(self, args: ModelArgs, out_dim: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps, elementwise_affine=False)
+        self.to_modulation = nn.Linear(args.dim, 2 * args.dim)
+        self.proj = nn.Linear(args.dim, out_dim)
+
+    def reset_parameters(self):
+        for lin in (self.to_modulation, self.proj):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
+        """x (B, n, dim) of one segment, t_emb (B, dim) of that segment's timestep."""
+        shift, scale = self.to_modulation(F.silu(t_emb)).unsqueeze(1).chunk(2, dim=-1)
+        return self.proj(self.norm(x) * (1 + scale) + shift)
+
+
+class AVTransformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        pt, ph, pw = args.video_patch
+        patch_dim = {
+            "video": args.video_channels * pt * ph * pw,
+            "image": args.video_channels * ph * pw,
+            "audio": args.audio_channels * args.audio_patch,
+        }
+        embed = {m: nn.Linear(patch_dim[m], args.dim) for m in patch_dim if m in args.modalities}
+        if "text" in args.modalities:
+            if args.text_input == "bytes":
+                embed["text"] = nn.Embedding(BYTE_VOCAB, args.dim)
+            else:
+                embed["text"] = nn.Linear(args.text_feature_dim, args.dim)
+        self.embed = nn.ModuleDict(embed)
+        self.time = TimestepEmbedding(args)
+        self.blocks = nn.ModuleList(
+            [ModalityBlock(args) for _ in range(args.n_modality_in)]
+            + [SharedBlock(args) for _ in range(args.n_shared)]
+            + [ModalityBlock(args) for _ in range(args.n_modality_out)]
+        )
+        # Text is only ever a condition, so it gets no output head.
+        self.heads = nn.ModuleDict({m: OutputHead(args, patch_dim[m]) for m in patch_dim if m in args.modalities})
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for name, emb in self.embed.items():
+            if isinstance(emb, nn.Embedding):
+                nn.init.normal_(emb.weight, std=0.02)
+            else:
+                nn.init.xavier_uniform_(emb.weight)
+                nn.init.zeros_(emb.bias)
+        self.time.reset_parameters()
+        for block in self.blocks:
+            block.reset_parameters()
+        for head in self.heads.values():
+            head.reset_parameters()
+
+    def layout(self, segments) -> SequenceLayout:
+        return SequenceLayout(segments, self.args)
+
+    def forward(
+        self,
+        inputs: list[torch.Tensor],
+        layout: SequenceLayout,
+        timesteps: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor | None]:
+        """
+        inputs: one latent per segment, (B, *segment.shape) (text bytes: (B, L) long).
+        timesteps: (B, N) per-token flow time in [0, 1]; 0 for `condition` tokens. Must be constant
+            within each segment (split a segment to vary it, e.g. per latent frame).
+        key_mask: optional (B, N) bool, False on padding tokens nobody should attend to.
+        Returns one entry per segment: the velocity (same shape as the input) for `generate`
+        segments, None for `condition` segments.
+        """
+        x = self._embed(inputs, layout)
+        B, N = x.shape[:2]
+        seg_t = self._segment_timesteps(timesteps, layout, B)
+
+        # Timestep modulation once per distinct timestep value, then gathered per segment.
+        unique_t, inverse = torch.unique(seg_t, return_inverse=True)
+        t_emb, t_mod = self.time(unique_t)
+        angles = rope_angles(layout.positions.to(x.device), self.args.rope_axes_dim, self.args.rope_theta)
+        attn_mask = None
+        if key_mask is not None:
+            if key_mask.shape != (B, N):
+                raise ValueError(f"key_mask: shape {tuple(key_mask.shape)} != (batch, tokens) = {(B, N)}")
+            attn_mask = key_mask.bool()[:, None, None, :]
+        ctx = BlockContext(
+            runs_modality=layout.runs(shared=False),
+            runs_shared=layout.runs(shared=True),
+            modulation=t_mod[inverse],
+            rope_cos=torch.cos(angles),
+            rope_sin=torch.sin(angles),
+            attn_mask=attn_mask,
+        )
+        for block in self.blocks:
+            x = block(x, ctx)
+        return self._outputs(x, layout, t_emb[inverse])
+
+    def _embed(self, inputs, layout: SequenceLayout) -> torch.Tensor:
+        if len(inputs) != len(layout.segments):
+            raise ValueError(f"inputs: got {len(inputs)} tensors for a layout of {len(layout.segments)} segments {layout}")
+        batch = inputs[0].shape[0] if inputs else 0
+        tokens = []
+        for i, (seg, x) in enumerate(zip(layout.segments, inputs)):
+            if tuple(x.shape) != (batch, *seg.shape):
+                raise ValueError(
+                    f"inputs[{i}] ({seg.modality}/{seg.role}): shape {tuple(x.shape)} != (batch, *segment.shape) = {(batch, *seg.shape)}"
+                )
+            tokens.append(self.embed[seg.modality](self._patchify(seg.modality, x)))
+        return torch.cat(tokens, dim=1)
+
+    def _patchify(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        if modality == "video":
+            return patchify_video(x, a.video_patch)
+        if modality == "image":
+            return patchify_image(x, a.video_patch)
+        if modality == "audio":
+            return patchify_audio(x, a.audio_patch)
+        return x  # text: byte ids for the embedding, or features for the projection
+
+    def _segment_timesteps(self, timesteps, layout: SequenceLayout, batch: int) -> torch.Tensor:
+        if timesteps.shape != (batch, layout.n_tokens):
+            raise ValueError(
+                f"timesteps: shape {tuple(timesteps.shape)} != (batch, tokens) = {(batch, layout.n_tokens)}; "
+                "the segment layout must cover the whole sequence"
+            )
+        seg_t = timesteps[:, list(layout.starts)]
+        if not torch.equal(layout.expand(seg_t), timesteps):
+            raise ValueError("timesteps: must be constant within each segment; split the segment to vary them")
+        return seg_t
+
+    def _outputs(self, x, layout: SequenceLayout, seg_emb: torch.Tensor) -> list[torch.Tensor | None]:
+        a = self.args
+        outs = []
+        for i, (seg, grid) in enumerate(zip(layout.segments, layout.grids)):
+            if seg.role != "generate":
+                outs.append(None)
+                continue
+            y = self.heads[seg.modality](x[:, layout.span(i)], seg_emb[:, i])
+            if seg.modality == "video":
+                outs.append(unpatchify_video(y, grid, a.video_patch))
+            elif seg.modality == "image":
+                outs.append(unpatchify_image(y, grid, a.video_patch))
+            else:
+                outs.append(unpatchify_audio(y, a.audio_patch))
+        return outs
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

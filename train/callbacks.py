@@ -1,0 +1,116 @@
+"""Callbacks of the training stages: periodic samples (mp4 with audio, EMA weights, fixed prompts
+and seeds) logged to W&B, the safetensors export at the end, and RNG state in checkpoints."""
+
+import json
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+from train.checkpoint import export_safetensors
+from train.config import SampleConfig
+from train.media import write_av_mp4
+from train.sampling import ClipSpec, Guidance, generate
+
+
+def write_samples(module, sample: SampleConfig, out_dir: Path, tag: str, steps: int | None = None, guidance: Guidance | None = None) -> list[Path]:
+    """Generate one clip per (prompt, seed) with the module's EMA weights; write mp4 + json."""
+    meta = module.meta
+    data = meta["data"]
+    spec = ClipSpec.from_seconds(sample.seconds, data["fps"], sample.height, sample.width, data["sample_rate"])
+    steps = steps or sample.steps
+    if guidance is None:
+        guidance = Guidance(sample.cfg, sample.cfg if sample.cfg_audio is None else sample.cfg_audio)
+    ema = getattr(module, "ema", None)
+    model = module.model
+    was_training = model.training
+    model.eval()
+    paths = []
+    try:
+        ctx = ema.swapped_in() if ema is not None else nullcontext()
+        with ctx:
+            for prompt, seed in zip(sample.prompts, sample.seeds):
+                start = time.perf_counter()
+                video, audio = generate(model, module.codec, [prompt], [seed], spec, steps, guidance, meta["text_len"], flow_shift_args=meta["shift_args"])
+                seconds = time.perf_counter() - start
+                path = out_dir / f"{tag}_seed{seed}.mp4"
+                write_av_mp4(path, video[0], spec.fps, audio[0] if audio is not None else None, spec.sample_rate)
+                info = {"prompt": prompt, "seed": seed, "steps": steps, "cfg_video": guidance.video, "cfg_audio": guidance.audio, "seconds": seconds}
+                path.with_suffix(".json").write_text(json.dumps(info, indent=1))
+                paths.append(path)
+    finally:
+        model.train(was_training)
+    return paths
+
+
+class SampleCallback(L.Callback):
+    """Every `every_n_steps` (and at the end) write samples and log them to W&B as videos."""
+
+    def __init__(self, sample: SampleConfig, out_dir: Path):
+        self.sample, self.out_dir = sample, Path(out_dir)
+        self._last_step = -1
+
+    def _run(self, trainer, module):
+        if trainer.global_step == self._last_step or not trainer.is_global_zero:
+            return
+        self._last_step = trainer.global_step
+        paths = write_samples(module, self.sample, self.out_dir, f"step{trainer.global_step:07d}")
+        log_videos(trainer, paths, self.sample.prompts, "samples/generator")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        n = self.sample.every_n_steps
+        if n and trainer.global_step % n == 0 and trainer.global_step > 0:
+            self._run(trainer, module)
+
+    def on_train_end(self, trainer, module):
+        self._run(trainer, module)
+
+
+def log_videos(trainer, paths: list[Path], captions: list[str], key: str):
+    """Log mp4 files (their audio track included) to every W&B logger of the trainer."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            import wandb
+
+            videos = [wandb.Video(str(p), caption=c, format="mp4") for p, c in zip(paths, captions)]
+            logger.experiment.log({key: videos, "trainer/global_step": trainer.global_step})
+
+
+class ExportCallback(L.Callback):
+    """At the end of training: consolidated safetensors of the EMA weights (or the raw ones)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, module):
+        if not trainer.is_global_zero:
+            return
+        if module.ema is not None:
+            weights, source = module.ema.named_weights(), "ema"
+        else:
+            weights, source = dict(module.model.state_dict()), "raw"
+        export_safetensors(self.path, weights, module.meta, trainer.global_step, source)
+
+
+class RNGStateCallback(L.Callback):
+    """Save and restore the global Python/NumPy/torch RNG states with the checkpoint. The training
+    step itself draws from per-step generators; this covers everything else (e.g. dropout)."""
+
+    def state_dict(self):
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state):
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,92 @@
+"""Consolidated weights: export to safetensors, and load a generator from an export or a
+Lightning checkpoint (EMA weights when present). The model/codec/data description travels in the
+file, so `sample` and `distill` rebuild exactly the network that was trained."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import AVTransformer, ModelArgs
+from train.codec import PatchCodec
+from train.config import ConfigError
+
+# Prefixes that activation checkpointing and torch.compile add to parameter names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def describe(model: AVTransformer, codec: PatchCodec, fps: float, sample_rate: int, audio_channels: int, text_len: int, shift_args) -> dict:
+    """What a checkpoint must carry to rebuild and sample the generator."""
+    return {
+        "model": asdict(model.args),
+        "codec": codec.config(),
+        "data": {"fps": fps, "sample_rate": sample_rate, "audio_channels": audio_channels},
+        "text_len": text_len,
+        "shift_args": list(shift_args),
+    }
+
+
+def export_safetensors(path, weights: dict[str, torch.Tensor], meta: dict, step: int, source: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {clean_name(k): v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    save_file(tensors, str(path), metadata={"avgen": json.dumps(meta), "step": str(step), "weights": source})
+    return path
+
+
+def read_weights(path) -> tuple[dict[str, torch.Tensor], dict, int]:
+    """(weights with clean names, meta, step) from a .safetensors export or a Lightning .ckpt."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt={str(path)!r}: no such file; pass a .ckpt from <run_dir>/checkpoints or an export/*.safetensors")
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if "avgen" not in meta:
+                raise ConfigError(f"ckpt={str(path)!r}: not an avgen export (no 'avgen' metadata)")
+            weights = {k: f.get_tensor(k) for k in f.keys()}
+        return weights, json.loads(meta["avgen"]), int(meta.get("step", 0))
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    if "avgen" not in ckpt:
+        raise ConfigError(f"ckpt={str(path)!r}: not an avgen checkpoint (no 'avgen' entry)")
+    if "ema" in ckpt:
+        weights = dict(ckpt["ema"]["shadow"])
+    else:
+        weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    return {clean_name(k): v for k, v in weights.items()}, ckpt["avgen"], int(ckpt.get("global_step", 0))
+
+
+def load_into(model: AVTransformer, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that names mismatching keys and shapes."""
+    own = {clean_name(k): v for k, v in model.state_dict().items()}
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    shapes = [f"{k}: {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in weights and weights[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = []
+        if missing:
+            lines.append(f"missing {len(missing)} keys, e.g. {missing[:3]}")
+        if unexpected:
+            lines.append(f"unexpected {len(unexpected)} keys, e.g. {unexpected[:3]}")
+        if shapes:
+            lines.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:3]}")
+        raise ConfigError(f"{source}: weights do not fit the model config: " + "; ".join(lines))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(weights[clean_name(name)].to(p.dtype))
+
+
+def load_generator(path, device="cpu") -> tuple[AVTransformer, PatchCodec, dict, int]:
+    weights, meta, step = read_weights(path)
+    model = AVTransformer(ModelArgs(**meta["model"]))
+    load_into(model, weights, f"ckpt={str(path)!r}")
+    return model.to(device).eval(), PatchCodec(**meta["codec"]), meta, step

@@ -1,0 +1,174 @@
+"""Flow-matching pretraining of the joint audio-video transformer, as a LightningModule.
+
+One step: pixels/waveforms -> codec latents -> segment layout -> noise at logit-normal,
+resolution-shifted timesteps -> velocity loss per modality. Randomness of a step (timesteps,
+noise, caption dropout, task) comes from generators seeded by (seed, step, rank), so a resumed run
+draws exactly what the uninterrupted run would have drawn.
+"""
+
+import math
+import time
+
+import lightning as L
+import torch
+
+from model import AVTransformer
+from train.codec import PatchCodec
+from train.config import FlowConfig, OptimConfig, RunConfig
+from train.ema import EMA
+from train.flops import H100_BF16_DENSE_FLOPS, train_flops_per_sample
+from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
+from train.parallelize import apply_activation_checkpointing, apply_compile
+from train.sequence import build_sequence, segment_timesteps
+
+T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def step_generator(seed: int, step: int, rank: int, device="cpu") -> torch.Generator:
+    # Large odd multipliers keep (seed, step, rank) triples from colliding.
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 7919 + rank)
+
+
+def audio_latent_mask(audio_mask: torch.Tensor, hop: int) -> torch.Tensor:
+    """(B, S) sample mask -> (B, S/hop) latent-frame mask: a frame counts only if all of it is real."""
+    return audio_mask.unflatten(1, (-1, hop)).all(-1)
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(self, model: AVTransformer, codec: PatchCodec, flow: FlowConfig, optim: OptimConfig, run: RunConfig, meta: dict):
+        super().__init__()
+        self.model, self.codec = model, codec
+        self.flow, self.optim, self.run = flow, optim, run
+        self.meta = meta  # model/codec/data description stored in checkpoints and exports
+        self.ema = EMA(model, run.ema_decay) if run.ema_decay > 0 else None
+        self._ema_step = -1
+        self._step_start = None
+        self._last_tokens = 0
+
+    # ---- setup --------------------------------------------------------------------------------
+    def configure_model(self):
+        if self.run.activation_checkpointing:
+            apply_activation_checkpointing(self.model)
+        if self.run.compile:
+            apply_compile(self.model)
+
+    def on_fit_start(self):
+        if self.ema is not None:
+            self.ema.to(self.device)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            # matrices decay; biases, norms, gate logits and modulation offsets do not
+            (decay if p.dim() >= 2 and "modulation" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused)
+        total = self.optim.total_steps or max(int(self.trainer.max_steps), 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.optim, total))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- the step -----------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        step, rank = self.global_step, self.global_rank
+        g_cpu = step_generator(self.run.seed, step, rank)
+        g_dev = step_generator(self.run.seed, step, rank, self.device)
+        # The task is drawn with the rank left out: every rank builds the same layout.
+        g_task = step_generator(self.run.seed, step, 0)
+        with_audio = bool(torch.rand((), generator=g_task) >= self.flow.no_audio_rate)
+        task = "i2v" if bool(torch.rand((), generator=g_task) < self.flow.i2v_rate) else "t2v"
+
+        with torch.no_grad():
+            video = self.codec.encode_video(batch["video"])
+            audio = self.codec.encode_audio(batch["audio"]) if with_audio else None
+        captions = [c if bool(torch.rand((), generator=g_cpu) >= self.flow.caption_dropout) else "" for c in batch["caption"]]
+        seq = build_sequence(self.model.args, captions, self.flow.text_len, video, audio, task)
+
+        B = video.shape[0]
+        shift = shift_for_tokens(seq.layout.n_tokens, *self.flow.shift_args)
+        t = sample_timesteps(B, shift, self.flow.logit_mean, self.flow.logit_std, g_cpu, self.device)
+        inputs, targets = list(seq.inputs), {}
+        for i in seq.targets:
+            eps = torch.randn(inputs[i].shape, generator=g_dev, device=self.device, dtype=inputs[i].dtype)
+            targets[i] = velocity_target(inputs[i], eps)
+            inputs[i] = add_noise(inputs[i], eps, t)
+        preds = self.model(inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask)
+
+        losses, per_sample = {}, {}
+        for i, modality in seq.targets.items():
+            if modality == "audio":
+                # Only real audio counts: padding and files without sound are masked out.
+                mask = audio_latent_mask(batch["audio_mask"], self.codec.hop).float()
+                sq = (preds[i].float() - targets[i].float()).square().mean(1)  # (B, T)
+                per_sample[modality] = (sq * mask).sum(1) / mask.sum(1).clamp(min=1)
+                losses[modality] = (sq * mask).sum() / mask.sum().clamp(min=1)
+            else:
+                per_sample[modality] = per_sample_mse(preds[i], targets[i])
+                losses[modality] = per_sample[modality].mean()
+        loss = weighted_loss(losses, {"video": self.flow.video_weight, "audio": self.flow.audio_weight})
+
+        self._last_tokens = B * seq.layout.n_tokens
+        self._last_batch = B
+        self._last_flops = B * train_flops_per_sample(self.model, seq.layout.n_tokens)
+        self.log("train/loss", loss, prog_bar=True)
+        for m, v in losses.items():
+            self.log(f"train/loss_{m}", v)
+        self.log("train/shift", shift)
+        self._log_timestep_buckets(t, per_sample)
+        return loss
+
+    def _log_timestep_buckets(self, t, per_sample):
+        per_sample = sum(per_sample.values()).detach()
+        for lo, hi in zip(T_BUCKETS[:-1], T_BUCKETS[1:]):
+            inside = (t >= lo) & (t < hi) if hi < 1 else (t >= lo)
+            if bool(inside.any()):
+                self.log(f"train/loss_t{lo:.2f}-{hi:.2f}", per_sample[inside].mean())
+
+    # ---- around the step ----------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer):
+        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
+            self.ema.update()
+            self._ema_step = self.global_step
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - self._step_start
+        world = self.trainer.world_size
+        self.log("perf/samples_per_s", self._last_batch * world / seconds)
+        self.log("perf/tokens_per_s", self._last_tokens * world / seconds)
+        if self.device.type == "cuda":
+            self.log("perf/mfu", self._last_flops / seconds / H100_BF16_DENSE_FLOPS)
+        skips = getattr(self.trainer.datamodule, "skip_counts", None) if self.trainer.datamodule else None
+        for reason, count in (skips() if skips else {}).items():
+            self.log(f"data/skipped_{reason}", float(count))
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["avgen"] = self.meta
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        self._ema_step = checkpoint.get("global_step", -1)
+
+
+def lr_factor(step: int, optim: OptimConfig, total: int) -> float:
+    """Linear warm-up, then constant or cosine decay to min_lr_ratio at `total` steps."""
+    if step < optim.warmup_steps:
+        return (step + 1) / optim.warmup_steps
+    if optim.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total - optim.warmup_steps))
+    return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,73 @@
+"""Batch of latents + captions -> the model's segment layout and inputs.
+
+One layout per batch (samples in a batch share shapes). The task decides which segments are
+generated and which are clean conditions:
+- t2v: text -> video (+ audio)
+- i2v: text + first latent video frame (clean) -> remaining frames (+ audio)
+- audio is dropped from the sequence when `with_audio` is False (video-only training).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from model import ModelArgs, Segment, SequenceLayout, encode_bytes
+
+TASKS = ("t2v", "i2v")
+
+
+@dataclass
+class AVSequence:
+    layout: SequenceLayout
+    inputs: list[torch.Tensor]  # clean latents for every segment (text: byte ids)
+    key_mask: torch.Tensor | None  # (B, N) or None when there is no padding
+    targets: dict[int, str]  # segment index -> modality, for every `generate` segment
+
+
+def build_sequence(
+    args: ModelArgs,
+    captions: list[str],
+    text_len: int,
+    video: torch.Tensor,
+    audio: torch.Tensor | None,
+    task: str = "t2v",
+) -> AVSequence:
+    """video (B, C, T, H, W) latents; audio (B, C, T) latents or None."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: choose one of {', '.join(TASKS)}")
+    if args.text_input != "bytes":
+        raise ValueError(
+            "model.text_input='features' needs precomputed text features (latent shards), which this "
+            "pipeline does not provide yet; use text_input='bytes'"
+        )
+    ids, text_mask = encode_bytes(captions, text_len)
+    ids, text_mask = ids.to(video.device), text_mask.to(video.device)
+    segments = [Segment("text", "condition", (text_len,))]
+    inputs = [ids]
+    if task == "i2v":
+        pt = args.video_patch[0]
+        if video.shape[2] < 2 * pt:
+            raise ValueError(f"task=i2v needs at least {2 * pt} latent frames, got {video.shape[2]}")
+        first, rest = video[:, :, :pt], video[:, :, pt:]
+        segments += [Segment("video", "condition", tuple(first.shape[1:])), Segment("video", "generate", tuple(rest.shape[1:]), t_offset=1.0)]
+        inputs += [first, rest]
+    else:
+        segments.append(Segment("video", "generate", tuple(video.shape[1:])))
+        inputs.append(video)
+    if audio is not None:
+        segments.append(Segment("audio", "generate", tuple(audio.shape[1:])))
+        inputs.append(audio)
+    layout = SequenceLayout(segments, args)
+    key_mask = None
+    if not bool(text_mask.all()):
+        rest = torch.ones(video.shape[0], layout.n_tokens - text_len, dtype=torch.bool, device=video.device)
+        key_mask = torch.cat([text_mask, rest], dim=1)
+    targets = {i: s.modality for i, s in enumerate(layout.segments) if s.role == "generate"}
+    return AVSequence(layout, inputs, key_mask, targets)
+
+
+def segment_timesteps(seq: AVSequence, t: torch.Tensor) -> torch.Tensor:
+    """Per-sample flow time t (B,) -> per-token timesteps (B, N): t on generate segments, 0 on conditions."""
+    generate = torch.tensor([s.role == "generate" for s in seq.layout.segments], device=t.device)
+    per_segment = torch.where(generate[None, :], t[:, None], torch.zeros((), device=t.device))
+    return seq.layout.expand(per_segment)
