@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+DEMO_DIR ?= runs/demo
+DEMO_PROMPT ?= a red circle bounces off the floor with a click
+
+# Pretrain the tiny model on the synthetic set (written on first use), then sample the teacher.
 demo: $(STAMP)
-	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m train demo
+	$(PY) -m train pretrain +experiment=demo hydra.run.dir=$(DEMO_DIR)/pretrain
+	$(PY) -m train sample ckpt=$(DEMO_DIR)/pretrain/export/model.safetensors steps=50 cfg=5.0 seed=0 \
+		prompt="$(DEMO_PROMPT)" out=$(DEMO_DIR)/teacher_sample.mp4
+	@echo "demo: run directory $(DEMO_DIR)/pretrain (checkpoints/, export/, samples/, wandb/), sample $(DEMO_DIR)/teacher_sample.mp4"
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

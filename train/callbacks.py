@@ -103,14 +103,17 @@ class RNGStateCallback(L.Callback):
     step itself draws from per-step generators; this covers everything else (e.g. dropout)."""
 
     def state_dict(self):
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        # NumPy's key array travels as a tensor: checkpoints are loaded with weights_only=True.
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached], "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
     def load_state_dict(self, state):
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])

@@ -58,12 +58,12 @@ class OptimConfig:
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
-        _require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas, "must be two values in [0, 1)")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
-        _require(self.schedule in ("cosine", "constant"), "optim.schedule", self.schedule, "choose cosine or constant")
-        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _require(self.lr > 0, "optimizer.lr", self.lr, "must be > 0")
+        _require(self.weight_decay >= 0, "optimizer.weight_decay", self.weight_decay, "must be >= 0")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optimizer.betas", self.betas, "must be two values in [0, 1)")
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.schedule in ("cosine", "constant"), "optimizer.schedule", self.schedule, "choose cosine or constant")
+        _require(0 <= self.min_lr_ratio <= 1, "optimizer.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
 
 
 @dataclass

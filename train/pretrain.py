@@ -128,9 +128,9 @@ class PretrainModule(L.LightningModule):
 
     # ---- around the step ----------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer):
-        norms = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
-        if norms:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:  # before clipping: the norm the clip threshold is compared with
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def on_train_batch_start(self, batch, batch_idx):
         self._step_start = time.perf_counter()

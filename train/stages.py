@@ -15,9 +15,15 @@ from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig, Sample
 
 def to_object(cls, section: DictConfig | None, name: str):
     """A config section -> dataclass, with OmegaConf's type checks (a wrong type names the key)."""
-    schema = OmegaConf.structured(cls)
-    merged = OmegaConf.merge(schema, section if section is not None else {})
-    return OmegaConf.to_object(merged)
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), section if section is not None else {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"{name}.{key}: {message}") from None
 
 
 def resolve_precision(precision: str) -> str:
@@ -58,6 +64,13 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
 
 
 def run_pretrain(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    flow = to_object(FlowConfig, cfg.flow, "flow")
+    optim = to_object(OptimConfig, cfg.optimizer, "optimizer")
+    sample = to_object(SampleConfig, cfg.sample, "sample")
+    run_fields = {f.name for f in fields(RunConfig)} - {"run_dir"}
+    run = to_object(RunConfig, OmegaConf.create({"run_dir": str(run_dir), **{k: cfg[k] for k in run_fields if k in cfg}}), "run")
+
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -65,14 +78,7 @@ def run_pretrain(cfg: DictConfig) -> None:
     from train.checkpoint import describe
     from train.datamodule import AVDataModule, prepare_synthetic
     from train.pretrain import PretrainModule
-    from train.wandb_run import build_logger
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    flow = to_object(FlowConfig, cfg.flow, "flow")
-    optim = to_object(OptimConfig, cfg.optimizer, "optimizer")
-    sample = to_object(SampleConfig, cfg.sample, "sample")
-    run_fields = {f.name for f in fields(RunConfig)} - {"run_dir"}
-    run = to_object(RunConfig, OmegaConf.create({"run_dir": str(run_dir), **{k: cfg[k] for k in run_fields if k in cfg}}), "run")
+    from train.wandb_run import build_loggers
 
     loader_cfg = instantiate(cfg.data.loader)
     if cfg.data.get("synthetic") is not None:
@@ -86,7 +92,7 @@ def run_pretrain(cfg: DictConfig) -> None:
     module = PretrainModule(model, codec, flow, optim, run, meta)
 
     ckpt_path = resolve_resume(run.resume, run_dir)
-    logger = build_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resuming=ckpt_path is not None)
+    loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resuming=ckpt_path is not None)
     callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps, save_last=True, save_top_k=-1),
         SampleCallback(sample, run_dir / "samples"),
@@ -100,7 +106,7 @@ def run_pretrain(cfg: DictConfig) -> None:
         trainer = L.Trainer(
             **trainer_kwargs,
             strategy=cfg.strategy.name,
-            logger=logger,
+            logger=loggers,
             callbacks=callbacks,
             default_root_dir=str(run_dir),
         )
@@ -108,7 +114,7 @@ def run_pretrain(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer: {e}; see lightning.Trainer's arguments") from None
     trainer.fit(module, datamodule=AVDataModule(loader_cfg), ckpt_path=ckpt_path)
     if trainer.is_global_zero:
-        report(run_dir, logger)
+        report(run_dir, loggers[0])
 
 
 def report(run_dir: Path, logger) -> None:

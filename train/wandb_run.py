@@ -9,7 +9,15 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
 
-def build_logger(cfg: DictConfig, run_dir: Path, resolved_config: dict, resuming: bool):
+def build_loggers(cfg: DictConfig, run_dir: Path, resolved_config: dict, resuming: bool) -> list:
+    """W&B plus a plain CSV copy of the metrics (<run_dir>/metrics/version_N/metrics.csv, one
+    version per launch), readable without W&B."""
+    csv = CSVLogger(save_dir=str(run_dir), name="metrics")
+    wandb = build_wandb_logger(cfg, run_dir, resolved_config, resuming)
+    return [wandb, csv] if wandb is not None else [csv]
+
+
+def build_wandb_logger(cfg: DictConfig, run_dir: Path, resolved_config: dict, resuming: bool) -> WandbLogger | None:
     """cfg: the `logger` config group (project, name, mode, tags). WANDB_MODE in the environment
     wins over cfg.mode, so `WANDB_MODE=online python -m train ...` uploads live."""
     mode = os.environ.get("WANDB_MODE", cfg.mode)
@@ -18,7 +26,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, resolved_config: dict, resuming
 
         raise ConfigError(f"logger.mode={mode!r}: choose offline, online or disabled")
     if mode == "disabled":
-        return CSVLogger(save_dir=str(run_dir), name="metrics")
+        return None
     os.environ["WANDB_MODE"] = mode
     run_dir.mkdir(parents=True, exist_ok=True)
     id_file = run_dir / "wandb_run_id"

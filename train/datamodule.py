@@ -1,0 +1,47 @@
+"""The data pipeline as a LightningDataModule: builds the rank's streaming loader, watches the
+batches go by (skip counts, stream position) and saves the position in checkpoints, so a resumed
+run continues the stream instead of restarting the epoch."""
+
+from pathlib import Path
+
+import lightning as L
+
+from data.config import LoaderConfig, SyntheticConfig
+from data.loader import build_loader
+from data.state import StreamState
+from data.synthetic import write_synthetic_shards
+
+
+def prepare_synthetic(synthetic: SyntheticConfig, loader: LoaderConfig) -> None:
+    """Write the synthetic dataset into loader.shards if no shard is there yet."""
+    out = Path(loader.shards)
+    if out.is_dir() and any(out.glob("*.tar")):
+        return
+    print(f"writing the synthetic dataset ({synthetic.num_clips} clips) to {out} ...", flush=True)
+    write_synthetic_shards(synthetic, out)
+
+
+class AVDataModule(L.LightningDataModule):
+    def __init__(self, cfg: LoaderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.stream = StreamState()
+
+    def train_dataloader(self):
+        resume = self.stream.state_dict() if self.stream.layout is not None else None
+        return build_loader(self.cfg, self.trainer.global_rank, self.trainer.world_size, resume=resume)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # Lightning calls this for the batch about to be trained on (not for the one it
+        # prefetched), so the recorded position is the consumed one.
+        self.stream.update(batch)
+        return batch
+
+    def skip_counts(self) -> dict[str, int]:
+        return self.stream.skip_counts()
+
+    def state_dict(self):
+        return {"stream": self.stream.state_dict()}
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state["stream"])
