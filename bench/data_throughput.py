@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "data_throughput",
         "date": datetime.date.today().isoformat(),
-        "command": "python bench/data_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": " ".join(["python bench/data_throughput.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "versions": {"torch": torch.__version__, "torchaudio": torchaudio.__version__, "av": av.__version__,
                      "ffmpeg": av.ffmpeg_version_info, "webdataset": webdataset.__version__, "numpy": np.__version__},

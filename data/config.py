@@ -4,6 +4,8 @@
 import math
 from dataclasses import dataclass, field
 
+from data.synthetic_captions import LANGUAGES
+
 MISSING_AUDIO = ("silence", "skip")
 SHARD_ORDERS = ("epochs", "resampled")
 # The aspect ratios the model generates (DESIGN.md section 1), as (width, height) ratios.
@@ -139,8 +141,6 @@ class SyntheticConfig:
         self._check()
 
     def _check(self):
-        from data.synthetic_captions import LANGUAGES
-
         def bad(name, value, why):
             raise ValueError(f"SyntheticConfig.{name}={value!r}: {why}")
 

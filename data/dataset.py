@@ -62,25 +62,19 @@ class AVStreamDataset(IterableDataset):
         in_a_row = 0
         stream = raw_samples(my_shards, cfg.shard_order, cfg.shuffle_buffer, cfg.seed, self.rank, worker)
         for index, raw in enumerate(stream):
-            rng = sample_rng(cfg.seed, self.rank, worker, index)
             if index < taken:
-                # Fast-forward over what the previous run consumed: headers only, except the
+                # Fast-forward over what the previous run consumed: tar headers only, except the
                 # samples that were waiting in a bucket when it stopped.
                 if index in waiting:
-                    self._rebuild(batcher, raw, spec, rng, index)
+                    self._rebuild(batcher, raw, spec, sample_rng(cfg.seed, self.rank, worker, index), index)
                 continue
             try:
-                sample = decode_sample(raw, spec, rng)
-            except SkipSample as skip:
+                sample = decode_sample(raw, spec, sample_rng(cfg.seed, self.rank, worker, index))
+            except Exception as error:  # one bad file must never stop a run
+                skip = error if isinstance(error, SkipSample) else SkipSample("decode_error", f"{type(error).__name__}: {error}")
                 skips[skip.reason] += 1
                 in_a_row += 1
-                self._report_skip(skip, raw, skips, in_a_row, worker)
-                continue
-            except Exception as error:  # one broken file must never stop a run
-                skip = SkipSample("decode_error", f"{type(error).__name__}: {error}")
-                skips[skip.reason] += 1
-                in_a_row += 1
-                log.warning("%s", skip.describe(_where(raw)), exc_info=skips[skip.reason] <= cfg.warn_skips)
+                self._report_skip(skip, raw, skips[skip.reason], worker, unexpected=skip is not error)
                 self._check_in_a_row(in_a_row, skips, worker)
                 continue
             in_a_row = 0
@@ -96,18 +90,19 @@ class AVStreamDataset(IterableDataset):
     def _rebuild(self, batcher: BucketBatcher, raw: dict, spec: ClipSpec, rng, index: int) -> None:
         try:
             sample = decode_sample(raw, spec, rng)
-        except SkipSample as skip:
+        except Exception as error:
             log.warning("resume: %s was waiting in a bucket but no longer decodes (%s); the shards changed "
-                        "since the checkpoint, so the resumed stream differs from the original", _where(raw), skip)
+                        "since the checkpoint, so the resumed stream differs from the original", _where(raw), error)
             return
         sample["index"] = index
         batcher.add(sample)
 
-    def _report_skip(self, skip: SkipSample, raw: dict, skips: Counter, in_a_row: int, worker: int) -> None:
-        level = logging.WARNING if skips[skip.reason] <= self.cfg.warn_skips else logging.DEBUG
-        log.log(level, "%s [rank %d worker %d, %d %s so far]", skip.describe(_where(raw)), self.rank, worker,
-                skips[skip.reason], skip.reason)
-        self._check_in_a_row(in_a_row, skips, worker)
+    def _report_skip(self, skip: SkipSample, raw: dict, count: int, worker: int, unexpected: bool) -> None:
+        """The first warn_skips skips of each reason are warnings (with the traceback when the
+        error was not a known bad-input case, i.e. maybe a bug); the rest are debug lines."""
+        level = logging.WARNING if count <= self.cfg.warn_skips else logging.DEBUG
+        log.log(level, "%s [rank %d worker %d, %d %s so far]", skip.describe(_where(raw)), self.rank, worker, count,
+                skip.reason, exc_info=unexpected and level == logging.WARNING)
 
     def _check_in_a_row(self, in_a_row: int, skips: Counter, worker: int) -> None:
         if in_a_row >= self.cfg.max_consecutive_skips:

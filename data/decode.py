@@ -9,6 +9,7 @@ import random
 from dataclasses import dataclass
 
 import av
+from av.video.reformatter import VideoReformatter
 import numpy as np
 
 from data.audio_window import AudioWindow
@@ -93,10 +94,12 @@ def _decode(container: av.container.InputContainer, spec: ClipSpec, rng: random.
     sample_aspect = float(video.sample_aspect_ratio) if video.sample_aspect_ratio else 1.0
     geometry: list[FrameGeometry] = []  # planned from the first frame converted (rotation lives on frames)
 
+    reformatter = VideoReformatter()
+
     def convert(frame: av.VideoFrame) -> np.ndarray:
         if not geometry:
             geometry.append(plan_geometry(frame.width, frame.height, sample_aspect, frame.rotation, spec.buckets))
-        return frame_to_bucket(frame, geometry[0])
+        return frame_to_bucket(frame, geometry[0], reformatter)
 
     targets = [start + k / spec.fps for k in range(spec.num_frames)]
     picker = FramePicker(targets, convert)

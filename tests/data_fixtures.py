@@ -3,7 +3,6 @@ helpers shared by the tests/test_data_*.py files. Nothing binary is committed.""
 
 import io
 import json
-import os
 import struct
 
 import av
@@ -132,6 +131,3 @@ def onsets(audio: np.ndarray, sample_rate: int, threshold: float = 0.1, quiet_ga
     starts = [loud[0]] + [b for a, b in zip(loud[:-1], loud[1:]) if b - a > quiet_gap * sample_rate]
     return np.asarray(starts) / sample_rate
 
-
-def tree_size(path) -> int:
-    return sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(path) for name in names)

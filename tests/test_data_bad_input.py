@@ -103,9 +103,8 @@ def test_missing_audio_skip_switch(tmp_path, media):
 
 def test_truncated_tar_shard_is_counted_and_its_complete_samples_kept(tmp_path, media):
     path = write_shard(tmp_path / "cut.tar", [(f"s{i}", {"mp4": media["good"], "json": caption_json()}) for i in range(3)])
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-        f.write(data[: int(len(data) * 0.6)])  # ends inside s2's video
+    data = (tmp_path / "cut.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: int(len(data) * 0.6)])  # ends inside s2's video
     samples = list(shard_samples(path))
     assert [s["__key__"] for s in samples[:3]] == ["s0", "s1", "s2"]
     assert samples[3]["__skip__"].reason == "bad_shard" and "cut.tar" in samples[3]["__skip__"].detail
@@ -119,3 +118,24 @@ def test_a_stream_of_only_bad_samples_stops_with_a_clear_error(tmp_path, media):
     loader = build_loader(loader_config(tmp_path, batch_size=1, max_consecutive_skips=20))
     with pytest.raises(RuntimeError, match="skipped 20 samples in a row.*too_short"):
         next(iter(loader))
+
+
+def test_an_unexpected_error_is_counted_as_decode_error_and_the_run_goes_on(tmp_path, media, monkeypatch, caplog):
+    import data.sample
+
+    real_decode = data.sample.decode_clip
+    calls = []
+
+    def flaky(data, spec, rng):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug or an FFmpeg surprise")
+        return real_decode(data, spec, rng)
+
+    monkeypatch.setattr(data.sample, "decode_clip", flaky)
+    write_shard(tmp_path / "s.tar", [(f"s{i}", {"mp4": media["good"], "json": caption_json()}) for i in range(2)])
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
+        batch = next(iter(build_loader(loader_config(tmp_path, batch_size=1, shuffle_buffer=1))))
+    assert batch["key"] == ["s1"] and batch["stream"]["skips"] == {"decode_error": 1}
+    record = next(r for r in caplog.records if "decode_error" in r.getMessage())
+    assert "s.tar:s0" in record.getMessage() and record.exc_info is not None  # traceback kept for bugs

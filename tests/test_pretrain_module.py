@@ -104,6 +104,7 @@ def test_ema_tracks_the_weights_and_is_used_for_export(tmp_path):
 def test_ema_update_rule():
     lin = torch.nn.Linear(2, 2)
     ema = EMA(lin, 0.9)
+    ema.updates = 100  # past the warm-up: the decay is 0.9
     before = lin.weight.detach().clone()
     with torch.no_grad():
         lin.weight.add_(1.0)
@@ -112,6 +113,13 @@ def test_ema_update_rule():
     with ema.swapped_in():
         torch.testing.assert_close(lin.weight, before + 0.1)
     torch.testing.assert_close(lin.weight, before + 1.0)
+    # warm-up: the first update uses decay 1/10, so the EMA mostly follows the weights
+    fresh = EMA(lin, 0.999)
+    assert fresh.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    fresh.update()
+    torch.testing.assert_close(fresh.named_weights()["weight"], lin.weight.detach() - 0.1)
 
 
 def test_lr_schedule_warmup_then_cosine():

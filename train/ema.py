@@ -21,11 +21,18 @@ class EMA:
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.shadow = [p.detach().float().clone() for p in self.params]
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        """Warm-up: (1 + n) / (10 + n) until it reaches `decay`. Without it a 0.999 EMA after
+        400 steps still holds 67% of the initial weights (zero output heads: it samples noise)."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
     def update(self):
         current = [p.detach().float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - self.decay)
+        torch._foreach_lerp_(self.shadow, current, 1.0 - self.current_decay())
+        self.updates += 1
 
     @torch.no_grad()
     def copy_to(self):
@@ -48,13 +55,14 @@ class EMA:
         return dict(zip(self.names, self.shadow))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": dict(zip(self.names, self.shadow))}
+        return {"decay": self.decay, "updates": self.updates, "shadow": dict(zip(self.names, self.shadow))}
 
     def load_state_dict(self, state: dict):
         missing = [n for n in self.names if n not in state["shadow"]]
         if missing:
             raise ValueError(f"EMA state: missing {len(missing)} weights, e.g. {missing[:3]}; was it saved from another model config?")
         self.shadow = [state["shadow"][n].float().to(s.device) for n, s in zip(self.names, self.shadow)]
+        self.updates = int(state.get("updates", 0))
 
     def to(self, device):
         self.shadow = [s.to(device) for s in self.shadow]
