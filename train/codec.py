@@ -2,11 +2,12 @@
 
 Every codec has the same small interface (encode/decode for video and audio, latent channels and
 rates). `PatchCodec` needs no weights: video is folded space-to-depth (and optionally
-time-to-depth), audio is cut into frames of `audio_hop` samples. It is exact and invertible, which
-makes it the codec for tests and the demo; pretrained VAEs plug in behind the same interface.
+time-to-depth) or average-pooled, audio is cut into frames of `audio_hop` samples. Space-to-depth
+is exact and invertible, which makes it the codec for tests; pretrained VAEs plug in behind the same interface.
 """
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
@@ -20,6 +21,7 @@ class PatchCodec(nn.Module):
         image_channels: int = 3,
         audio_channels: int = 1,
         audio_scale: float = 1.0,
+        video_pool: bool = False,
     ):
         super().__init__()
         for name, value in (("video_spatial", video_spatial), ("video_temporal", video_temporal), ("audio_hop", audio_hop)):
@@ -28,17 +30,23 @@ class PatchCodec(nn.Module):
         self.s, self.tt, self.hop = int(video_spatial), int(video_temporal), int(audio_hop)
         self.image_channels, self.audio_channels = image_channels, audio_channels
         self.audio_scale = float(audio_scale)  # waveforms are quiet; scale them to unit-ish variance
+        # video_pool: average-pool blocks instead of folding them into channels. Lossy (decoding
+        # upsamples), but a latent pixel then has 3 channels instead of 3*s*s*tt, so a tiny
+        # model's tokens are narrower than its width and it can carry the noise it must remove
+        # (the CPU demo); the default space-to-depth is exact.
+        self.video_pool = bool(video_pool)
 
     def config(self) -> dict:
         """Constructor arguments, stored in checkpoints so sampling rebuilds the same codec."""
         return {
             "video_spatial": self.s, "video_temporal": self.tt, "audio_hop": self.hop,
             "image_channels": self.image_channels, "audio_channels": self.audio_channels, "audio_scale": self.audio_scale,
+            "video_pool": self.video_pool,
         }
 
     @property
     def video_latent_channels(self) -> int:
-        return self.image_channels * self.s * self.s * self.tt
+        return self.image_channels if self.video_pool else self.image_channels * self.s * self.s * self.tt
 
     @property
     def audio_latent_channels(self) -> int:
@@ -66,9 +74,13 @@ class PatchCodec(nn.Module):
     def encode_video(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, T, H, W) in [-1, 1] -> (B, 3*tt*s*s, T/tt, H/s, W/s)."""
         self.video_latent_shape(*pixels.shape[2:])
+        if self.video_pool:
+            return F.avg_pool3d(pixels, (self.tt, self.s, self.s))
         return rearrange(pixels, "b c (t pt) (h ph) (w pw) -> b (c pt ph pw) t h w", pt=self.tt, ph=self.s, pw=self.s)
 
     def decode_video(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.video_pool:
+            return F.interpolate(latents, scale_factor=(self.tt, self.s, self.s), mode="trilinear").clamp(-1, 1)
         pixels = rearrange(latents, "b (c pt ph pw) t h w -> b c (t pt) (h ph) (w pw)", pt=self.tt, ph=self.s, pw=self.s)
         return pixels.clamp(-1, 1)
 
