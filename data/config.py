@@ -63,6 +63,9 @@ class LoaderConfig:
     # Video as uint8 [0, 255] instead of float32 [-1, 1]: 4x less traffic between worker
     # processes at 720p; the consumer then normalises on the GPU.
     video_uint8: bool = False
+    # How DataLoader workers start: "forkserver" or "spawn" (clean interpreters) or "fork"
+    # (fastest start, but can inherit a lock held by a parent thread and hang).
+    worker_start: str = "forkserver"
     # FFmpeg decoder threads per worker process (1: parallelism comes from workers).
     decode_threads: int = 1
     # A stream that skips this many samples in a row is misconfigured (e.g. clip_seconds longer
@@ -103,6 +106,8 @@ class LoaderConfig:
             bad("num_workers", self.num_workers, "must be >= 0 (0 decodes in the main process)")
         if self.audio_channels not in (1, 2):
             bad("audio_channels", self.audio_channels, "must be 1 (mono) or 2 (stereo)")
+        if self.worker_start not in ("forkserver", "spawn", "fork"):
+            bad("worker_start", self.worker_start, "choose forkserver, spawn or fork")
         if self.missing_audio not in MISSING_AUDIO:
             bad("missing_audio", self.missing_audio, f"choose one of {', '.join(MISSING_AUDIO)}")
         if self.shard_order not in SHARD_ORDERS:

@@ -35,4 +35,8 @@ def build_loader(cfg: LoaderConfig, rank: int = 0, world_size: int = 1, resume: 
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         pin_memory=cfg.pin_memory,
         persistent_workers=False,
+        # Workers start from a clean interpreter, not a fork: a fork copies whatever locks the
+        # parent's FFmpeg/x264 or OpenMP threads held at that instant, and a worker then hangs
+        # on one forever (seen here: an intermittent hang of the 2-worker tests after encoding).
+        multiprocessing_context=cfg.worker_start if cfg.num_workers > 0 else None,
     )
