@@ -132,6 +132,12 @@ class PretrainModule(L.LightningModule):
         if grads:  # before clipping: the norm the clip threshold is compared with
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Clip here rather than through the precision plugin: Lightning refuses to clip for fused
+        # AdamW under mixed precision (it assumes a grad scaler), and bf16 needs no scaler.
+        if gradient_clip_val:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+
     def on_train_batch_start(self, batch, batch_idx):
         self._step_start = time.perf_counter()
 
