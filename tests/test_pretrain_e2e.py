@@ -67,7 +67,8 @@ def test_pretrain_end_to_end_then_resume_exactly(shards, tmp_path):
     runs = list((straight / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     blob = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
-    for key in (b"train/loss", b"train/loss_video", b"train/loss_audio", b"train/grad_norm", b"train/lr", b"perf/tokens_per_s", b"perf/samples_per_s"):
+    for key in (b"train/loss", b"train/loss_video", b"train/loss_audio", b"train/grad_norm", b"train/lr",
+                b"perf/tokens_per_s", b"perf/samples_per_s", b"samples/generator"):
         assert key in blob, key
     # the end-of-training sample: an mp4 with the right frame count and audio duration
     mp4 = sorted((straight / "samples").glob("*.mp4"))[-1]
