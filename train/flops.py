@@ -18,6 +18,5 @@ def active_params_per_token(model: AVTransformer) -> int:
     return total
 
 
-def train_flops_per_sample(model: AVTransformer, n_tokens: int) -> float:
-    a = model.args
-    return 6.0 * active_params_per_token(model) * n_tokens + 12.0 * a.n_layers * n_tokens**2 * a.dim
+def train_flops_per_sample(active_params: int, n_layers: int, dim: int, n_tokens: int) -> float:
+    return 6.0 * active_params * n_tokens + 12.0 * n_layers * n_tokens**2 * dim

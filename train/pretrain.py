@@ -16,7 +16,7 @@ from model import AVTransformer
 from train.codec import PatchCodec
 from train.config import FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
-from train.flops import H100_BF16_DENSE_FLOPS, train_flops_per_sample
+from train.flops import H100_BF16_DENSE_FLOPS, active_params_per_token, train_flops_per_sample
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps
@@ -42,6 +42,7 @@ class PretrainModule(L.LightningModule):
         self.meta = meta  # model/codec/data description stored in checkpoints and exports
         self.ema = EMA(model, run.ema_decay) if run.ema_decay > 0 else None
         self._ema_step = -1
+        self._active_params = active_params_per_token(model)  # counted once, for MFU
         self._step_start = None
         self._last_tokens = 0
 
@@ -111,7 +112,8 @@ class PretrainModule(L.LightningModule):
 
         self._last_tokens = B * seq.layout.n_tokens
         self._last_batch = B
-        self._last_flops = B * train_flops_per_sample(self.model, seq.layout.n_tokens)
+        a = self.model.args
+        self._last_flops = B * train_flops_per_sample(self._active_params, a.n_layers, a.dim, seq.layout.n_tokens)
         self.log("train/loss", loss, prog_bar=True)
         for m, v in losses.items():
             self.log(f"train/loss_{m}", v)
