@@ -70,8 +70,9 @@ def frame_to_bucket(frame: av.VideoFrame, geometry: FrameGeometry, reformatter: 
     swscale call; AREA when shrinking avoids aliasing, BICUBIC when enlarging.
 
     Pass one `VideoReformatter` for all frames of a clip: it keeps its swscale context while the
-    geometry stays the same, whereas VideoFrame.reformat builds a new one per frame, which cost 30x
-    the scaling itself (1.4 ms vs 0.05 ms per 64x64 frame, measured)."""
+    geometry stays the same, whereas VideoFrame.reformat builds a new one per frame, which costs
+    far more than the scaling itself for small frames (the effect on 720p is in
+    bench/results/data_throughput_*.json)."""
     shrinking = geometry.scaled_width * geometry.scaled_height < frame.width * frame.height
     rgb = reformatter.reformat(
         frame,

@@ -1,6 +1,6 @@
 """Test-session settings. One torch thread per process: the suite's models are tiny, and on a
 2-core machine OpenMP threads that share a core with another process (a data worker, a
-subprocess run) wait on each other at every op (30x slower steps, measured). Subprocess runs
+subprocess run) wait on each other at every op and stall. Subprocess runs
 inherit OMP_NUM_THREADS."""
 
 import os

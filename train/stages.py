@@ -58,8 +58,8 @@ def fill_model_from_codec(model_cfg: DictConfig, codec, fps: float, sample_rate:
 def set_cpu_threads(data_workers: int) -> None:
     """On CPU, leave one core per data worker: torch's OpenMP threads spin at every parallel op
     until all of them arrive, so one thread sharing a core with a decoding worker made each op
-    wait for the scheduler (measured here on 2 cores: a tiny step 30x slower, 2.5 s instead of
-    0.08 s). OMP_NUM_THREADS, when set, wins."""
+    wait for the scheduler (seen on the 2-core CI machine: the demo's tiny step went from
+    seconds to a fraction of a second with one thread fewer). OMP_NUM_THREADS, when set, wins."""
     if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
         return
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - data_workers))
