@@ -17,29 +17,42 @@ from train.media import write_av_mp4
 from train.sampling import ClipSpec, Guidance, generate
 
 
-def write_samples(module, sample: SampleConfig, out_dir: Path, tag: str, steps: int | None = None, guidance: Guidance | None = None) -> list[Path]:
-    """Generate one clip per (prompt, seed) with the module's EMA weights; write mp4 + json."""
-    meta = module.meta
+def write_samples(
+    model,
+    codec,
+    meta: dict,
+    sample: SampleConfig,
+    out_dir: Path,
+    tag: str,
+    steps: int | None = None,
+    guidance: Guidance | None = None,
+    ema=None,
+    student: dict | None = None,
+) -> list[Path]:
+    """Generate one clip per (prompt, seed), with the EMA weights when given; write mp4 + json.
+    student: a distilled student's sampler settings (sampling.generate); default: Euler + CFG."""
     data = meta["data"]
     spec = ClipSpec.from_seconds(sample.seconds, data["fps"], sample.height, sample.width, data["sample_rate"])
     steps = steps or sample.steps
     if guidance is None:
         guidance = Guidance(sample.cfg, sample.cfg if sample.cfg_audio is None else sample.cfg_audio)
-    ema = getattr(module, "ema", None)
-    model = module.model
     was_training = model.training
     model.eval()
     paths = []
     try:
-        ctx = ema.swapped_in() if ema is not None else nullcontext()
-        with ctx:
+        with ema.swapped_in() if ema is not None else nullcontext():
             for prompt, seed in zip(sample.prompts, sample.seeds):
                 start = time.perf_counter()
-                video, audio = generate(model, module.codec, [prompt], [seed], spec, steps, guidance, meta["text_len"], flow_shift_args=meta["shift_args"])
+                video, audio = generate(
+                    model, codec, [prompt], [seed], spec, steps, guidance, meta["text_len"],
+                    flow_shift_args=meta["shift_args"], student=student,
+                )
                 seconds = time.perf_counter() - start
                 path = out_dir / f"{tag}_seed{seed}.mp4"
                 write_av_mp4(path, video[0], spec.fps, audio[0] if audio is not None else None, spec.sample_rate)
-                info = {"prompt": prompt, "seed": seed, "steps": steps, "cfg_video": guidance.video, "cfg_audio": guidance.audio, "seconds": seconds}
+                nfe = steps * (2 if guidance.active else 1)
+                info = {"prompt": prompt, "seed": seed, "steps": steps, "cfg_video": guidance.video, "cfg_audio": guidance.audio,
+                        "network_evaluations": nfe, "sampler": "student" if student else "euler", "seconds": seconds}
                 path.with_suffix(".json").write_text(json.dumps(info, indent=1))
                 paths.append(path)
     finally:
@@ -48,7 +61,9 @@ def write_samples(module, sample: SampleConfig, out_dir: Path, tag: str, steps: 
 
 
 class SampleCallback(L.Callback):
-    """Every `every_n_steps` (and at the end) write samples and log them to W&B as videos."""
+    """Every `every_n_steps` (and at the end) write samples and log them to W&B as videos. The
+    module decides what to sample: `module.write_samples(sample, out_dir, tag)` returns
+    {W&B key: mp4 paths, one per prompt}."""
 
     def __init__(self, sample: SampleConfig, out_dir: Path):
         self.sample, self.out_dir = sample, Path(out_dir)
@@ -58,8 +73,8 @@ class SampleCallback(L.Callback):
         if trainer.global_step == self._last_step or not trainer.is_global_zero:
             return
         self._last_step = trainer.global_step
-        paths = write_samples(module, self.sample, self.out_dir, f"step{trainer.global_step:07d}")
-        log_videos(trainer, paths, self.sample.prompts, "samples/generator")
+        for key, paths in module.write_samples(self.sample, self.out_dir, f"step{trainer.global_step:07d}").items():
+            log_videos(trainer, paths, self.sample.prompts, key)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         n = self.sample.every_n_steps
@@ -83,7 +98,8 @@ def log_videos(trainer, paths: list[Path], captions: list[str], key: str):
 
 
 class ExportCallback(L.Callback):
-    """At the end of training: consolidated safetensors of the EMA weights (or the raw ones)."""
+    """At the end of training: consolidated safetensors of the generator, as the module gives it
+    (`module.export_weights()`: EMA weights when kept, else the raw ones)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -91,10 +107,7 @@ class ExportCallback(L.Callback):
     def on_train_end(self, trainer, module):
         if not trainer.is_global_zero:
             return
-        if module.ema is not None:
-            weights, source = module.ema.named_weights(), "ema"
-        else:
-            weights, source = dict(module.model.state_dict()), "raw"
+        weights, source = module.export_weights()
         export_safetensors(self.path, weights, module.meta, trainer.global_step, source)
 
 

@@ -43,25 +43,27 @@ def export_safetensors(path, weights: dict[str, torch.Tensor], meta: dict, step:
     return path
 
 
-def read_weights(path) -> tuple[dict[str, torch.Tensor], dict, int]:
-    """(weights with clean names, meta, step) from a .safetensors export or a Lightning .ckpt."""
+def read_weights(path, option: str = "ckpt") -> tuple[dict[str, torch.Tensor], dict, int]:
+    """(weights with clean names, meta, step) from a .safetensors export or a Lightning .ckpt.
+    option: the config option the path came from, for error messages."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"ckpt={str(path)!r}: no such file; pass a .ckpt from <run_dir>/checkpoints or an export/*.safetensors")
+        raise ConfigError(f"{option}={str(path)!r}: no such file; pass a .ckpt from <run_dir>/checkpoints or an export/*.safetensors")
     if path.suffix == ".safetensors":
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if "avgen" not in meta:
-                raise ConfigError(f"ckpt={str(path)!r}: not an avgen export (no 'avgen' metadata)")
+                raise ConfigError(f"{option}={str(path)!r}: not an avgen export (no 'avgen' metadata)")
             weights = {k: f.get_tensor(k) for k in f.keys()}
         return weights, json.loads(meta["avgen"]), int(meta.get("step", 0))
     ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
     if "avgen" not in ckpt:
-        raise ConfigError(f"ckpt={str(path)!r}: not an avgen checkpoint (no 'avgen' entry)")
+        raise ConfigError(f"{option}={str(path)!r}: not an avgen checkpoint (no 'avgen' entry)")
     if "ema" in ckpt:
         weights = dict(ckpt["ema"]["shadow"])
-    else:
-        weights = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    else:  # the generator's raw weights: the pretrain module's `model`, a distill module's `student`
+        prefix = "student." if "student" in ckpt["avgen"] else "model."
+        weights = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     return {clean_name(k): v for k, v in weights.items()}, ckpt["avgen"], int(ckpt.get("global_step", 0))
 
 

@@ -104,3 +104,43 @@ class RunConfig:
     def __post_init__(self):
         _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
         _require(self.checkpoint_every_n_steps >= 1, "checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be >= 1")
+
+
+@dataclass
+class DistillConfig:
+    """DMD-2 distillation (train/dmd.py, train/distill.py)."""
+
+    student_steps: int = 8
+    # The student's K timesteps (from 1 down, the final 0 is implied); null: the teacher's shifted
+    # schedule for the clip's token count, sampling_schedule(K, shift), as at inference.
+    student_timesteps: list[float] | None = None
+    critic_steps_per_generator_step: int = 5  # two time-scale update rule (DMD-2 sec. 4.2)
+    dm_t_min: float = 0.02  # noise levels of the DM / critic / GAN losses
+    dm_t_max: float = 0.98
+    cfg: float = 5.0  # the teacher's guidance in the real score (video)
+    cfg_audio: float | None = None  # None: same as cfg
+    video_weight: float = 1.0  # per-modality weights of the DM and critic losses
+    audio_weight: float = 1.0
+    gan_generator_weight: float = 3e-3  # DMD-2's weights of the GAN terms (ImageNet setting)
+    gan_critic_weight: float = 1e-2
+    gan_layer: int | None = None  # critic block whose output feeds the GAN head; None: the middle one
+    grad_clip: float = 1.0  # per network; 0 disables
+    max_nonfinite_in_a_row: int = 10  # stop after this many consecutive skipped (NaN/inf) updates
+
+    def __post_init__(self):
+        _require(self.student_steps >= 1, "distill.student_steps", self.student_steps, "must be >= 1")
+        if self.student_timesteps is not None:
+            ts = [float(t) for t in self.student_timesteps]
+            ok = len(ts) == self.student_steps and all(0 < t <= 1 for t in ts) and all(a > b for a, b in zip(ts[:-1], ts[1:]))
+            _require(ok, "distill.student_timesteps", ts, f"need {self.student_steps} strictly decreasing values in (0, 1] (the final 0 is implied), or null")
+            self.student_timesteps = ts
+        _require(self.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step", self.critic_steps_per_generator_step, "must be >= 1")
+        _require(0 <= self.dm_t_min < self.dm_t_max <= 1, "distill.dm_t_min/dm_t_max", (self.dm_t_min, self.dm_t_max), "need 0 <= dm_t_min < dm_t_max <= 1")
+        _require(self.cfg > 0, "distill.cfg", self.cfg, "must be > 0 (1.0: no guidance)")
+        for name in ("video_weight", "audio_weight", "gan_generator_weight", "gan_critic_weight", "grad_clip"):
+            _require(getattr(self, name) >= 0, f"distill.{name}", getattr(self, name), "must be >= 0")
+        _require(self.max_nonfinite_in_a_row >= 1, "distill.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, "must be >= 1")
+
+    @property
+    def guidance(self) -> tuple[float, float]:
+        return self.cfg, self.cfg if self.cfg_audio is None else self.cfg_audio

@@ -143,7 +143,6 @@ def dm_generator_loss(
             xf = xi.detach().float()
             norm = (xf - real).abs().flatten(1).mean(1).clamp_min(NORM_FLOOR)
             grad = (fake - real) / _bcast(norm, xf)
-            grad = torch.nan_to_num(grad)
             target = xf - grad
         loss = 0.5 * F.mse_loss(xi.float(), target)
         total = total + w * loss

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from model import AVTransformer
+from train.callbacks import write_samples
 from train.codec import PatchCodec
 from train.config import FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
@@ -159,6 +160,15 @@ class PretrainModule(L.LightningModule):
         skips = getattr(self.trainer.datamodule, "skip_counts", None) if self.trainer.datamodule else None
         for reason, count in (skips() if skips else {}).items():
             self.log(f"data/skipped_{reason}", float(count))
+
+    # ---- samples and export (train/callbacks.py) ----------------------------------------------
+    def write_samples(self, sample, out_dir, tag) -> dict:
+        return {"samples/generator": write_samples(self.model, self.codec, self.meta, sample, out_dir, tag, ema=self.ema)}
+
+    def export_weights(self) -> tuple[dict, str]:
+        if self.ema is not None:
+            return self.ema.named_weights(), "ema"
+        return dict(self.model.state_dict()), "raw"
 
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):

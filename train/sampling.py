@@ -1,4 +1,5 @@
-"""Text -> video + audio with the Euler sampler on the shifted schedule and classifier-free guidance.
+"""Text -> video + audio: the teacher's Euler sampler on the shifted schedule with classifier-free
+guidance, or the distilled student's few-step sampler (train/dmd.py: predict x0, re-noise).
 
 Guidance is per modality (video and audio get their own scales) and written in the standard form
 uncond + s * (cond - uncond). With both scales at 1 the unconditional pass is skipped, so an
@@ -11,6 +12,7 @@ import torch
 
 from model import AVTransformer
 from train.codec import PatchCodec
+from train.dmd import student_sample
 from train.flow import cfg_combine, euler_sample, sampling_schedule, shift_for_tokens
 from train.sequence import build_sequence, segment_timesteps
 
@@ -54,18 +56,21 @@ def latent_noise(codec: PatchCodec, spec: ClipSpec, seeds: list[int], device) ->
 
 
 def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, guidance: Guidance):
-    """A velocity(xs, t) for euler_sample: one batched forward (cond + uncond when guided)."""
+    """A velocity(xs, t) over [video, audio] latents: one batched forward (cond + uncond when
+    guided). t is a float (euler_sample) or a (B,) tensor (train/dmd.py's callables)."""
     b = len(captions)
 
-    def velocity(xs: list[torch.Tensor], t: float) -> list[torch.Tensor]:
+    def velocity(xs: list[torch.Tensor], t: float | torch.Tensor) -> list[torch.Tensor]:
         video, audio = xs[0], (xs[1] if len(xs) > 1 else None)
+        tb = t.to(video.device) if torch.is_tensor(t) else torch.full((b,), t, device=video.device)
         prompts = list(captions)
         if guidance.active:
             prompts += [""] * b
             video = torch.cat([video, video])
             audio = torch.cat([audio, audio]) if audio is not None else None
+            tb = torch.cat([tb, tb])
         seq = build_sequence(model.args, prompts, text_len, video, audio, task="t2v")
-        ts = segment_timesteps(seq, torch.full((len(prompts),), t, device=video.device))
+        ts = segment_timesteps(seq, tb)
         preds = model(seq.inputs, seq.layout, ts, seq.key_mask)
         outs = [preds[i] for i in sorted(seq.targets)]  # video first, then audio
         if not guidance.active:
@@ -88,11 +93,15 @@ def generate(
     text_len: int,
     shift: float | None = None,
     flow_shift_args: tuple[int, float, float] | None = None,
+    student: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns pixels (B, 3, T, H, W) and waveforms (B, C, S) or None, both in [-1, 1].
 
     shift: the schedule's shift; if None it is derived from the token count with
-    flow_shift_args = (base_tokens, base_shift, max_shift), as in training."""
+    flow_shift_args = (base_tokens, base_shift, max_shift), as in training.
+    student: a distilled student's sampler settings ({"steps": K, "timesteps": [...] or None},
+    from its checkpoint): its own K-step sampler instead of Euler, re-noising with a generator
+    seeded from the first seed; `steps` must then equal K."""
     if len(captions) != len(seeds):
         raise ValueError(f"generate: {len(captions)} captions but {len(seeds)} seeds")
     device = next(model.parameters()).device
@@ -100,8 +109,22 @@ def generate(
     if shift is None:
         probe = build_sequence(model.args, captions[:1], text_len, noise[0][:1], noise[1][:1] if len(noise) > 1 else None)
         shift = shift_for_tokens(probe.layout.n_tokens, *flow_shift_args) if flow_shift_args else 1.0
-    schedule = sampling_schedule(steps, shift)
-    latents = euler_sample(make_velocity_fn(model, captions, text_len, guidance), noise, schedule)
+    velocity = make_velocity_fn(model, captions, text_len, guidance)
+    if student is None:
+        latents = euler_sample(velocity, noise, sampling_schedule(steps, shift))
+    else:
+        schedule = student_schedule(student, shift)
+        if steps != len(schedule) - 1:
+            raise ValueError(f"steps={steps}: this student was distilled for {len(schedule) - 1} steps")
+        latents = student_sample(velocity, noise, schedule, torch.Generator().manual_seed(int(seeds[0])))
     video = codec.decode_video(latents[0].float())
     audio = codec.decode_audio(latents[1].float()) if len(latents) > 1 else None
     return video, audio
+
+
+def student_schedule(student: dict, shift: float) -> torch.Tensor:
+    """(K + 1,) timesteps of a distilled student: its configured ones plus the final 0, or the
+    teacher's shifted K-step schedule for this clip's token count when none were configured."""
+    if student.get("timesteps"):
+        return torch.tensor([*student["timesteps"], 0.0], dtype=torch.float32)
+    return sampling_schedule(int(student["steps"]), shift)

@@ -3,7 +3,7 @@ objects once, and runs. Nothing below this layer reads global config."""
 
 import json
 import os
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig, SampleConfig
+from train.config import ConfigError, DistillConfig, FlowConfig, OptimConfig, RunConfig, SampleConfig
 
 
 def to_object(cls, section: DictConfig | None, name: str):
@@ -76,26 +76,34 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     return resume
 
 
+def run_config(cfg: DictConfig, run_dir: Path) -> RunConfig:
+    run_fields = {f.name for f in fields(RunConfig)} - {"run_dir"}
+    return to_object(RunConfig, OmegaConf.create({"run_dir": str(run_dir), **{k: cfg[k] for k in run_fields if k in cfg}}), "run")
+
+
+def prepare_data(cfg: DictConfig):
+    """The rank's loader config; the synthetic set is written first when the config has one."""
+    from train.datamodule import prepare_synthetic
+
+    loader_cfg = instantiate(cfg.data.loader)
+    if cfg.data.get("synthetic") is not None:
+        prepare_synthetic(instantiate(cfg.data.synthetic), loader_cfg)
+    return loader_cfg
+
+
 def run_pretrain(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     flow = to_object(FlowConfig, cfg.flow, "flow")
     optim = to_object(OptimConfig, cfg.optimizer, "optimizer")
     sample = to_object(SampleConfig, cfg.sample, "sample")
-    run_fields = {f.name for f in fields(RunConfig)} - {"run_dir"}
-    run = to_object(RunConfig, OmegaConf.create({"run_dir": str(run_dir), **{k: cfg[k] for k in run_fields if k in cfg}}), "run")
+    run = run_config(cfg, run_dir)
 
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from train.callbacks import ExportCallback, RNGStateCallback, SampleCallback
     from train.checkpoint import describe
-    from train.datamodule import AVDataModule, prepare_synthetic
     from train.pretrain import PretrainModule
-    from train.wandb_run import build_loggers
 
-    loader_cfg = instantiate(cfg.data.loader)
-    if cfg.data.get("synthetic") is not None:
-        prepare_synthetic(instantiate(cfg.data.synthetic), loader_cfg)
+    loader_cfg = prepare_data(cfg)
     codec = instantiate(cfg.codec)
     model_cfg = fill_model_from_codec(cfg.model, codec, loader_cfg.fps, loader_cfg.sample_rate)
 
@@ -104,7 +112,20 @@ def run_pretrain(cfg: DictConfig) -> None:
     model = instantiate(model_cfg)
     meta = describe(model, codec, loader_cfg.fps, loader_cfg.sample_rate, loader_cfg.audio_channels, flow.text_len, flow.shift_args)
     module = PretrainModule(model, codec, flow, optim, run, meta)
+    fit(cfg, module, run, sample, loader_cfg, trainer_overrides={})
 
+
+def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cfg, trainer_overrides: dict) -> None:
+    """The part every training stage shares: loggers, checkpoints every n steps + last, periodic
+    samples, RNG state, the export at the end; resume from run.resume."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from train.callbacks import ExportCallback, RNGStateCallback, SampleCallback
+    from train.datamodule import AVDataModule
+    from train.wandb_run import build_loggers
+
+    run_dir = Path(run.run_dir)
     ckpt_path = resolve_resume(run.resume, run_dir)
     loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resuming=ckpt_path is not None)
     callbacks = [
@@ -114,7 +135,7 @@ def run_pretrain(cfg: DictConfig) -> None:
     ]
     if run.export:
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **trainer_overrides}
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
     try:
         trainer = L.Trainer(
@@ -156,20 +177,33 @@ def run_sample(cfg: DictConfig) -> None:
         raise ConfigError("ckpt is required: ckpt=<run_dir>/export/model.safetensors or a .ckpt")
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, codec, meta, step = load_generator(cfg.ckpt, device)
-    for key in ("steps", "seed", "seconds", "height", "width"):
-        if not isinstance(cfg[key], (int, float)) or cfg[key] <= (0 if key != "seed" else -1):
-            raise ConfigError(f"{key}={cfg[key]!r}: must be a positive number")
-    cfg_audio = cfg.cfg if cfg.cfg_audio is None else cfg.cfg_audio
-    guidance = Guidance(float(cfg.cfg), float(cfg_audio))
+    # Defaults come from the checkpoint: a teacher samples 50 Euler steps with guidance 5, a
+    # distilled student its own K steps without guidance (its guidance is baked in).
+    student = meta.get("student")
+    steps = cfg.steps if cfg.steps is not None else (student["steps"] if student else 50)
+    scale = cfg.cfg if cfg.cfg is not None else (1.0 if student else 5.0)
+    for key, value in (("steps", steps), ("seed", cfg.seed), ("seconds", cfg.seconds), ("height", cfg.height), ("width", cfg.width)):
+        if not isinstance(value, (int, float)) or value <= (0 if key != "seed" else -1):
+            raise ConfigError(f"{key}={value!r}: must be a positive number")
+    cfg_audio = scale if cfg.cfg_audio is None else cfg.cfg_audio
+    guidance = Guidance(float(scale), float(cfg_audio))
+    if student and (guidance.active or int(steps) != student["steps"]):
+        raise ConfigError(
+            f"ckpt={cfg.ckpt!r} is a DMD student distilled for steps={student['steps']} without guidance; "
+            f"got steps={steps} cfg={scale} cfg_audio={cfg_audio} (leave them unset)"
+        )
     data = meta["data"]
     spec = ClipSpec.from_seconds(float(cfg.seconds), data["fps"], int(cfg.height), int(cfg.width), data["sample_rate"])
     start = time.perf_counter()
-    video, audio = generate(model, codec, [str(cfg.prompt)], [int(cfg.seed)], spec, int(cfg.steps), guidance, meta["text_len"], flow_shift_args=meta["shift_args"])
+    video, audio = generate(
+        model, codec, [str(cfg.prompt)], [int(cfg.seed)], spec, int(steps), guidance, meta["text_len"],
+        flow_shift_args=meta["shift_args"], student=student,
+    )
     seconds = time.perf_counter() - start
     out = write_av_mp4(cfg.out, video[0], spec.fps, audio[0] if audio is not None else None, spec.sample_rate)
-    nfe = int(cfg.steps) * (2 if guidance.active else 1)
+    nfe = int(steps) * (2 if guidance.active else 1)
     info = {
-        "prompt": str(cfg.prompt), "seed": int(cfg.seed), "steps": int(cfg.steps), "cfg_video": guidance.video,
+        "prompt": str(cfg.prompt), "seed": int(cfg.seed), "steps": int(steps), "sampler": "student" if student else "euler", "cfg_video": guidance.video,
         "cfg_audio": guidance.audio, "network_evaluations": nfe, "seconds": round(seconds, 3), "device": device,
         "ckpt": str(cfg.ckpt), "ckpt_step": step, "fps": spec.fps, "frames": spec.frames, "sample_rate": spec.sample_rate,
     }
@@ -178,6 +212,62 @@ def run_sample(cfg: DictConfig) -> None:
 
 
 def run_distill(cfg: DictConfig) -> None:
-    raise ConfigError("the distill stage is not built yet (issue: DMD-2 distillation)")
+    """DMD-2: student and critic start from the teacher's weights (EMA when the checkpoint has
+    them); the architecture, codec, text length and shift come from the teacher's checkpoint."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    distill = to_object(DistillConfig, cfg.distill, "distill")
+    optim_student = to_object(OptimConfig, cfg.optimizer_student, "optimizer_student")
+    optim_critic = to_object(OptimConfig, cfg.optimizer_critic, "optimizer_critic")
+    sample = to_object(SampleConfig, cfg.sample, "sample")
+    run = run_config(cfg, run_dir)
+    if cfg.teacher in (None, "", "???"):
+        raise ConfigError("teacher is required: teacher=<pretrain run_dir>/export/model.safetensors (or a .ckpt)")
+    trainer_cfg = cfg.trainer
+    if str(trainer_cfg.devices) != "1" or int(trainer_cfg.num_nodes) != 1:
+        raise ConfigError(
+            f"trainer.devices={trainer_cfg.devices} trainer.num_nodes={trainer_cfg.num_nodes}: the distill stage runs in one "
+            "process for now (two optimizers stepped at their own rates need the multi-engine strategy of the scale-out work)"
+        )
+    if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
+        raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")
 
+    import lightning as L
 
+    from model import AVTransformer, ModelArgs
+    from train.checkpoint import load_into, read_weights
+    from train.codec import PatchCodec
+    from train.distill import DistillModule
+
+    weights, teacher_meta, teacher_step = read_weights(cfg.teacher, option="teacher")
+    if "student" in teacher_meta:
+        raise ConfigError(f"teacher={cfg.teacher!r} is a distilled student, not a flow-matching teacher")
+    codec = PatchCodec(**teacher_meta["codec"])
+    loader_cfg = prepare_data(cfg)
+    for key, value in (("fps", loader_cfg.fps), ("sample_rate", loader_cfg.sample_rate)):
+        if abs(float(teacher_meta["data"][key]) - float(value)) > 1e-6:
+            raise ConfigError(
+                f"data.loader.{key}={value} but the teacher was trained at {key}={teacher_meta['data'][key]}; "
+                "distill on data at the teacher's rates"
+            )
+    if cfg.get("model") is not None:  # an explicit architecture must fit the teacher's weights
+        model_cfg = fill_model_from_codec(cfg.model, codec, loader_cfg.fps, loader_cfg.sample_rate)
+        build = lambda: instantiate(model_cfg)  # noqa: E731
+    else:
+        args = ModelArgs(**teacher_meta["model"])
+        build = lambda: AVTransformer(args)  # noqa: E731
+
+    set_cpu_threads(loader_cfg.num_workers)
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    source = f"teacher={str(cfg.teacher)!r}"
+    student, critic, teacher = build(), build(), build()
+    for net in (student, critic, teacher):
+        load_into(net, weights, source)
+    meta = {
+        **teacher_meta,
+        "model": asdict(student.args),
+        "student": {"steps": distill.student_steps, "timesteps": distill.student_timesteps},
+        "teacher": {"path": str(Path(cfg.teacher).resolve()), "step": teacher_step},
+    }
+    module = DistillModule(student, critic, teacher, codec, distill, optim_student, optim_critic, run, meta)
+    # Manual optimization: the module clips each network itself (distill.grad_clip).
+    fit(cfg, module, run, sample, loader_cfg, trainer_overrides={"gradient_clip_val": None})

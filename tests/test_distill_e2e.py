@@ -1,0 +1,112 @@
+"""`python -m train distill` end to end from a tiny pretrain export: the W&B run holds the DMD-2
+metrics and the student/teacher samples, checkpoints resume exactly, the export samples in its 8
+steps without guidance, and a teacher of another model config is refused naming the weights."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import pytest
+
+from tests.test_pretrain_e2e import FPS, ROOT, SECONDS, SR, pretrain
+from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture)
+
+
+@pytest.fixture(scope="module")
+def teacher(shards, tmp_path_factory):  # noqa: F811
+    run_dir = tmp_path_factory.mktemp("teacher")
+    pretrain(run_dir, shards, 3, "logger.mode=disabled", "sample.every_n_steps=0")
+    return run_dir / "export" / "model.safetensors"
+
+
+def distill_args(run_dir: Path, shards: Path, teacher: Path, max_steps: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "train", "distill", f"teacher={teacher}", f"hydra.run.dir={run_dir}",
+        "data.synthetic=null", f"data.loader.shards={shards}", f"data.loader.clip_seconds={SECONDS}",
+        f"data.loader.fps={FPS}", f"data.loader.sample_rate={SR}", "data.loader.buckets=[[1:1,16,16]]",
+        "data.loader.batch_size=2", "data.loader.num_workers=0",
+        f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
+        "checkpoint_every_n_steps=2", "distill.critic_steps_per_generator_step=2",
+        "sample.steps=2", f"sample.seconds={SECONDS}", "sample.height=16", "sample.width=16",
+        *extra,
+    ]
+
+
+def distill(*args, **kwargs):
+    out = subprocess.run(distill_args(*args, **kwargs), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def metric(run_dir: Path, key: str) -> dict[int, float]:
+    found = {}
+    for path in sorted((run_dir / "metrics").glob("version_*/metrics.csv")):
+        with open(path) as f:
+            for row in csv.DictReader(f):
+                if row.get(key):
+                    found[int(row["step"])] = float(row[key])
+    return found
+
+
+def test_distill_end_to_end_then_resume_exactly(shards, teacher, tmp_path):  # noqa: F811
+    straight = tmp_path / "straight"
+    distill(straight, shards, teacher, 4)
+    ckpts = {p.name for p in (straight / "checkpoints").glob("*.ckpt")}
+    assert {"last.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt"} <= ckpts
+
+    runs = list((straight / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    blob = b"".join(p.read_bytes() for p in runs[0].glob("*.wandb"))
+    for key in (b"distill/dm_loss", b"distill/dm_norm/video", b"distill/dm_norm/audio", b"distill/critic_loss",
+                b"distill/gan_generator", b"distill/gan_critic", b"distill/gan_acc/real", b"distill/gan_acc/fake",
+                b"distill/grad_norm/student", b"distill/grad_norm/critic", b"distill/skipped_generator",
+                b"samples/student", b"samples/teacher"):
+        assert key in blob, key
+    # generator updates at steps 0 and 2 (one in critic_steps_per_generator_step=2)
+    assert metric(straight, "distill/generator_step") == {0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0}
+
+    # the student's sample (8 steps, no guidance) next to the teacher's (2 steps, cfg 5)
+    student_mp4 = straight / "samples" / "step0000004_seed0.mp4"
+    with av.open(str(student_mp4)) as c:
+        assert c.streams.video[0].frames == round(SECONDS * FPS) and len(c.streams.audio) == 1
+    info = json.loads(student_mp4.with_suffix(".json").read_text())
+    assert (info["steps"], info["network_evaluations"], info["sampler"], info["cfg_video"]) == (8, 8, "student", 1.0)
+    teacher_info = json.loads((straight / "samples" / "teacher_seed0.json").read_text())
+    assert (teacher_info["network_evaluations"], teacher_info["sampler"]) == (4, "euler")
+
+    # interrupted after step 2 (a generator step), resumed to 4: same losses as the straight run
+    resumed = tmp_path / "resumed"
+    distill(resumed, shards, teacher, 2)
+    distill(resumed, shards, teacher, 4)
+    for key in ("distill/critic_loss", "distill/dm_loss", "distill/gan_critic", "distill/exit_index"):
+        a, b = metric(straight, key), metric(resumed, key)
+        assert sorted(a) == sorted(b) and 3 in a, (key, a, b)
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), (key, step, a, b)
+
+    # `train sample` on the student's export: its own 8 steps, no guidance, by default
+    out = tmp_path / "student.mp4"
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "sample", f"ckpt={straight / 'export' / 'model.safetensors'}", "seed=3",
+         f"seconds={SECONDS}", "height=16", "width=16", f"out={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].frames == round(SECONDS * FPS) and len(c.streams.audio) == 1
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert (info["steps"], info["network_evaluations"], info["sampler"]) == (8, 8, "student")
+
+
+def test_distill_refuses_a_teacher_of_another_config(shards, teacher, tmp_path):  # noqa: F811
+    res = subprocess.run(distill_args(tmp_path / "bad", shards, teacher, 1, "+model=tiny", "model.dim=32"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert "weights do not fit the model config" in res.stderr and "shape mismatches" in res.stderr
+    assert "embed.video.weight: (64, " in res.stderr  # names the key and both shapes
+    res = subprocess.run(distill_args(tmp_path / "bad", shards, tmp_path / "none.safetensors", 1),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "teacher=" in res.stderr and "no such file" in res.stderr

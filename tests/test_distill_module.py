@@ -1,0 +1,120 @@
+"""The DMD-2 LightningModule on a fixed in-memory batch: two time-scale updates touch only the
+network they should (weights and optimizer state), the teacher stays frozen and out of the
+checkpoint, NaN losses are skipped and counted and eventually stop the run."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from tests.test_pretrain_module import FPS, SR, Repeat, fixed_batch
+from model import AVTransformer, ModelArgs
+from train.checkpoint import describe
+from train.codec import PatchCodec
+from train.config import DistillConfig, OptimConfig, RunConfig
+from train.distill import DistillModule, NonFiniteLossError
+
+
+def make_module(ema_decay=0.0, **distill):
+    codec = PatchCodec()
+    args = ModelArgs(dim=32, n_heads=4, n_kv_heads=2, mlp_hidden=64, n_modality_in=1, n_shared=1, n_modality_out=1,
+                     video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
+                     text_input="bytes", text_feature_dim=0, audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SR))
+    torch.manual_seed(0)
+    teacher = AVTransformer(args)
+    with torch.no_grad():  # a teacher whose outputs are not all zero (zero-initialised heads)
+        for p in teacher.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    student, critic = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    meta = describe(teacher, codec, FPS, SR, 1, 16, (256, 1.0, 3.0))
+    meta["student"] = {"steps": 4, "timesteps": None}
+    cfg = DistillConfig(student_steps=4, **distill)
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", betas=(0.9, 0.999))
+    return DistillModule(student, critic, teacher, codec, cfg, optim, optim, RunConfig(run_dir="unused", ema_decay=ema_decay), meta)
+
+
+def snapshot(module):
+    opt_student = module.trainer.optimizers[0]
+    state = {id(p): {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for p, s in opt_student.state.items()}
+    return [p.detach().clone() for p in module.student.parameters()], state, [p.detach().clone() for p in module.critic.parameters()]
+
+
+class Recorder(L.Callback):
+    """The student's and critic's weights and the student's optimizer state after every step."""
+
+    def __init__(self):
+        self.after = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after.append(snapshot(module))
+
+
+def fit(module, steps):
+    rec = Recorder()
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", callbacks=[rec])
+    trainer.fit(module, DataLoader(Repeat(fixed_batch(), steps), batch_size=None))
+    return rec, trainer
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(
+        all(torch.equal(sa[k], sb[k]) if torch.is_tensor(sa[k]) else sa[k] == sb[k] for k in sa) for sa, sb in ((a[i], b[i]) for i in a)
+    )
+
+
+def test_critic_only_steps_leave_the_student_and_its_optimizer_untouched():
+    module = make_module(critic_steps_per_generator_step=3)
+    initial_student = [p.detach().clone() for p in module.student.parameters()]
+    rec, trainer = fit(module, 5)
+    assert trainer.global_step == 5  # iterations, not optimizer calls
+    (s0, o0, c0), (s1, o1, c1), (s2, o2, c2), (s3, o3, c3), _ = rec.after
+    # step 0 updates both networks
+    assert not same(s0, initial_student) and o0
+    # steps 1 and 2 are critic-only: student weights and Adam moments/step counts unchanged
+    assert same(s1, s0) and same(s2, s0)
+    assert same_state(o1, o0) and same_state(o2, o0)
+    assert not same(c1, c0) and not same(c2, c1)  # ...while the critic moves every step
+    # step 3 is the next generator step
+    assert not same(s3, s2) and not same_state(o3, o2)
+    assert [int(s["step"]) for s in o3.values()][0] == 2  # two student updates in four steps
+
+
+def test_teacher_is_frozen_and_not_checkpointed():
+    module = make_module()
+    before = [p.detach().clone() for p in module.teacher.parameters()]
+    _, trainer = fit(module, 2)
+    assert not module.teacher.training and all(not p.requires_grad for p in module.teacher.parameters())
+    assert same([p.detach() for p in module.teacher.parameters()], before)
+    in_optimizers = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
+    assert not in_optimizers & {id(p) for p in module.teacher.parameters()}
+    assert {id(p) for p in module.gan_head.parameters()} <= in_optimizers
+    ckpt = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(ckpt)
+    assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert ckpt["avgen"]["student"]["steps"] == 4
+    module.on_load_checkpoint(ckpt)  # puts the teacher back so a strict load finds every key
+    assert set(ckpt["state_dict"]) == set(module.state_dict())
+
+
+def test_nan_teacher_skips_generator_updates_then_stops_naming_the_loss():
+    module = make_module(critic_steps_per_generator_step=1, max_nonfinite_in_a_row=100)
+    with torch.no_grad():
+        module.teacher.heads["video"].proj.bias.fill_(float("nan"))
+    initial = [p.detach().clone() for p in module.student.parameters()]
+    rec, trainer = fit(module, 3)
+    assert module.nonfinite == {"generator": 3, "critic": 0}
+    assert same(rec.after[-1][0], initial)  # the student never moved
+    assert not same(rec.after[-1][2], rec.after[0][2])  # the critic trained on
+
+    module = make_module(critic_steps_per_generator_step=1, max_nonfinite_in_a_row=2)
+    with torch.no_grad():
+        module.teacher.heads["video"].proj.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"dm_loss NaN/inf at step 1: 2 generator updates in a row"):
+        fit(module, 5)

@@ -1,0 +1,322 @@
+"""DMD-2 distillation of the guided flow-matching teacher into a few-step, guidance-free student,
+as a LightningModule. The math is train/dmd.py's; this file wires the three networks to it.
+
+    teacher  frozen (no grad, no optimizer state, eval mode), guided: the real score
+    critic   trainable fake score, initialised from the teacher, + the GAN head on its features
+    student  trainable K-step generator, initialised from the teacher's (EMA) weights
+
+Every step ("iteration") updates the critic; every `critic_steps_per_generator_step`-th also
+updates the student, first (DMD-2's order: the critic then fits the freshly moved student). The
+Lightning global step counts iterations: the critic's optimizer is stepped through Lightning
+(which counts it) and the student's directly (which does not), so `trainer.max_steps` is the
+number of iterations and step s updates the student iff s % n == 0, on resume too.
+
+A step whose loss is NaN/inf changes nothing in the network it would have updated: its gradients
+are dropped and, for the critic, the optimizer is stepped with no gradients (torch's AdamW skips
+parameters without .grad, state included) so the iteration still counts. Skips are counted and
+logged; `max_nonfinite_in_a_row` consecutive ones stop the run naming the loss and the step.
+
+Single process for now: the student's optimizer is stepped outside the strategy, which is right
+for one device and wrong for DDP/DeepSpeed; the distill stage refuses more than one process
+until the multi-engine strategy exists (issue: scale-out).
+"""
+
+import math
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+
+from model import AVTransformer
+from train.callbacks import write_samples
+from train.codec import PatchCodec
+from train.config import DistillConfig, OptimConfig, RunConfig
+from train.dmd import (
+    GANHead,
+    critic_loss,
+    dm_generator_loss,
+    dm_timesteps,
+    gan_accuracy,
+    gan_discriminator_loss,
+    gan_generator_loss,
+    generator_steps_before,
+    is_generator_step,
+    noise_like,
+    random_exit_index,
+    student_generate_at,
+)
+from train.ema import EMA
+from train.flow import add_noise, shift_for_tokens
+from train.parallelize import apply_activation_checkpointing, apply_compile
+from train.pretrain import lr_factor, step_generator
+from train.sampling import Guidance, make_velocity_fn, student_schedule
+from train.sequence import build_sequence, segment_timesteps
+
+NAMES = ("video", "audio")  # order of the latents in a sample, as build_sequence emits them
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive NaN/inf losses: the run stops (printed as one line by the CLI)."""
+
+
+@contextmanager
+def capture_output(module: torch.nn.Module):
+    """Record the output of `module` during the block: the critic's intermediate tokens."""
+    box = {}
+    handle = module.register_forward_hook(lambda _m, _args, out: box.__setitem__("out", out))
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+class DistillModule(L.LightningModule):
+    def __init__(
+        self,
+        student: AVTransformer,
+        critic: AVTransformer,
+        teacher: AVTransformer,
+        codec: PatchCodec,
+        distill: DistillConfig,
+        optim_student: OptimConfig,
+        optim_critic: OptimConfig,
+        run: RunConfig,
+        meta: dict,
+    ):
+        super().__init__()
+        self.automatic_optimization = False
+        self.student, self.critic, self.teacher = student, critic, freeze(teacher)
+        self.codec = codec
+        self.cfg, self.optim_student, self.optim_critic, self.run = distill, optim_student, optim_critic, run
+        self.meta = meta  # the teacher's description + {"student": {...}}: what `sample` needs
+        args = student.args
+        self.gan_layer = args.n_layers // 2 if distill.gan_layer is None else distill.gan_layer
+        if not 0 <= self.gan_layer < args.n_layers:
+            raise ValueError(f"distill.gan_layer={distill.gan_layer}: the model has blocks 0..{args.n_layers - 1}")
+        self.gan_head = GANHead(args.dim)
+        self.ema = EMA(student, run.ema_decay) if run.ema_decay > 0 else None
+        self.text_len = meta["text_len"]
+        self.shift_args = tuple(meta["shift_args"])
+        self.weights = [distill.video_weight, distill.audio_weight]
+        self.nonfinite = {"generator": 0, "critic": 0}  # skipped updates, in total
+        self._in_a_row = {"generator": 0, "critic": 0}  # consecutive skipped updates of each network
+        self._last_generator_stats = {}
+
+    # ---- setup --------------------------------------------------------------------------------
+    def configure_model(self):
+        for net in (self.student, self.critic):
+            if self.run.activation_checkpointing:
+                apply_activation_checkpointing(net)
+        if self.run.compile:
+            for net in (self.student, self.critic, self.teacher):
+                apply_compile(net)
+
+    def on_fit_start(self):
+        if self.ema is not None:
+            self.ema.to(self.device)
+        self.teacher.eval()
+
+    def train(self, mode: bool = True):
+        # Lightning puts the whole module in train mode each epoch; the teacher stays in eval.
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def configure_optimizers(self):
+        fused = self.device.type == "cuda"
+
+        def adamw(params, o: OptimConfig):
+            return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused)
+
+        critic_params = [*self.critic.parameters(), *self.gan_head.parameters()]
+        return [adamw(self.student.parameters(), self.optim_student), adamw(critic_params, self.optim_critic)]
+
+    # ---- the networks as train/dmd.py callables -----------------------------------------------
+    def velocity(self, net: AVTransformer, captions, guidance: Guidance = Guidance()):
+        return make_velocity_fn(net, captions, self.text_len, guidance)
+
+    def critic_features(self, xs, t, captions):
+        """One critic forward: (velocities [video, audio], GAN-head logits). The head reads the
+        tokens of block gan_layer, pooled over the generated (video + audio) tokens only."""
+        seq = build_sequence(self.critic.args, captions, self.text_len, xs[0], xs[1])
+        with capture_output(self.critic.blocks[self.gan_layer]) as box:
+            preds = self.critic(seq.inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask)
+        generated = torch.tensor([s.role == "generate" for s in seq.layout.segments], device=t.device)
+        mask = seq.layout.expand(generated[None].expand(len(captions), -1))
+        return [preds[i] for i in sorted(seq.targets)], self.gan_head(box["out"].float(), mask)
+
+    def student_timesteps(self, n_tokens: int) -> torch.Tensor:
+        return student_schedule(self.meta["student"], shift_for_tokens(n_tokens, *self.shift_args))
+
+    # ---- the step -----------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        opt_student, opt_critic = self.optimizers()
+        step, rank, cfg = self.global_step, self.global_rank, self.cfg
+        g = step_generator(self.run.seed, step, rank)
+        # The exit step is drawn without the rank: every rank runs the same number of forwards.
+        exit_index = random_exit_index(cfg.student_steps, step_generator(self.run.seed, step, 0))
+        self._set_lrs(opt_student, opt_critic, step)
+
+        with torch.no_grad():
+            real = [self.codec.encode_video(batch["video"]), self.codec.encode_audio(batch["audio"])]
+        captions = list(batch["caption"])
+        B = real[0].shape[0]
+        n_tokens = build_sequence(self.student.args, captions[:1], self.text_len, real[0][:1], real[1][:1]).layout.n_tokens
+        shift = shift_for_tokens(n_tokens, *self.shift_args)
+        timesteps = self.student_timesteps(n_tokens)
+        student_v = self.velocity(self.student, captions)
+        noise = noise_like(real, g)
+
+        generator_step = is_generator_step(step, cfg.critic_steps_per_generator_step)
+        if generator_step:
+            fake = student_generate_at(student_v, noise, timesteps, exit_index, g)
+            self._generator_update(opt_student, fake, captions, shift, g)
+        else:
+            with torch.no_grad():
+                fake = student_generate_at(student_v, noise, timesteps, exit_index, g)
+        self._critic_update(opt_critic, [x.detach() for x in fake], real, captions, shift, g)
+
+        self.log("distill/exit_index", float(exit_index))
+        self.log("distill/generator_step", float(generator_step))
+        for name, value in self._last_generator_stats.items():  # values of the last generator step
+            self.log(f"distill/{name}", value)
+        for name, count in self.nonfinite.items():
+            self.log(f"distill/skipped_{name}", float(count))
+        skips = getattr(self.trainer.datamodule, "skip_counts", None) if self.trainer.datamodule else None
+        for reason, count in (skips() if skips else {}).items():
+            self.log(f"data/skipped_{reason}", float(count))
+
+    def _generator_update(self, opt, fake, captions, shift, g):
+        cfg, B = self.cfg, fake[0].shape[0]
+        t = dm_timesteps(B, cfg.dm_t_min, cfg.dm_t_max, shift, g, self.device)
+        real_v = self.velocity(self.teacher, captions, Guidance(*cfg.guidance))
+        fake_v = self.velocity(self.critic, captions)
+        self.toggle_optimizer(opt)  # critic and head: requires_grad off, the GAN term reaches only x
+        try:
+            dm, stats = dm_generator_loss(fake, real_v, fake_v, t, noise_like(fake, g), self.weights, NAMES)
+            losses = {"dm_loss": dm}
+            if cfg.gan_generator_weight > 0:
+                t_gan = dm_timesteps(B, cfg.dm_t_min, cfg.dm_t_max, shift, g, self.device)
+                noised = [add_noise(x, e, t_gan) for x, e in zip(fake, noise_like(fake, g))]
+                losses["gan_generator"] = gan_generator_loss(self.critic_features(noised, t_gan, captions)[1])
+            total = dm + cfg.gan_generator_weight * losses.get("gan_generator", 0.0)
+            stats = {**stats, **{k: v.detach() for k, v in losses.items()}}
+            if self._all_finite("generator", losses):
+                self.manual_backward(total)
+                stats["grad_norm/student"] = self._clip(self.student.parameters())
+                opt.optimizer.step()  # the raw optimizer: Lightning counts only the critic's steps
+                if self.ema is not None:
+                    self.ema.update()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            self.untoggle_optimizer(opt)
+        self._last_generator_stats = stats
+
+    def _critic_update(self, opt, fake, real, captions, shift, g):
+        cfg, B = self.cfg, fake[0].shape[0]
+        t = dm_timesteps(B, cfg.dm_t_min, cfg.dm_t_max, shift, g, self.device)
+        logits = {}
+
+        def critic_v(xs, tt):  # the flow-matching forward also gives the head's logits on fakes
+            v, logits["fake"] = self.critic_features(xs, tt, captions)
+            return v
+
+        self.toggle_optimizer(opt)
+        try:
+            fm, stats = critic_loss(fake, critic_v, t, noise_like(fake, g), self.weights, NAMES)
+            losses = {"critic_loss": fm}
+            if cfg.gan_critic_weight > 0:
+                noised_real = [add_noise(x, e, t) for x, e in zip(real, noise_like(real, g))]
+                logits["real"] = self.critic_features(noised_real, t, captions)[1]
+                losses["gan_critic"] = gan_discriminator_loss(logits["real"], logits["fake"])
+                stats.update(gan_accuracy(logits["real"], logits["fake"]))
+            total = fm + cfg.gan_critic_weight * losses.get("gan_critic", 0.0)
+            if self._all_finite("critic", losses):
+                self.manual_backward(total)
+                stats["grad_norm/critic"] = self._clip([*self.critic.parameters(), *self.gan_head.parameters()])
+            else:
+                opt.zero_grad(set_to_none=True)  # no .grad: the step below changes nothing
+            opt.step()  # through Lightning: counts the iteration
+            opt.zero_grad(set_to_none=True)
+        finally:
+            self.untoggle_optimizer(opt)
+        for name, value in {**stats, **losses}.items():
+            self.log(f"distill/{name}", value.detach() if torch.is_tensor(value) else value)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _all_finite(self, network: str, losses: dict) -> bool:
+        """True if every loss is finite on every rank (all ranks then skip or step together)."""
+        names = list(losses)
+        bad = torch.stack([~torch.isfinite(losses[n].detach().float()) for n in names]).float()
+        bad = self.trainer.strategy.reduce(bad, reduce_op="sum") if self.trainer.world_size > 1 else bad
+        bad_names = [n for n, b in zip(names, bad.tolist()) if b > 0]
+        if not bad_names:
+            self._in_a_row[network] = 0
+            return True
+        self.nonfinite[network] += 1
+        self._in_a_row[network] += 1
+        if self._in_a_row[network] >= self.cfg.max_nonfinite_in_a_row:
+            raise NonFiniteLossError(
+                f"{' and '.join(bad_names)} NaN/inf at step {self.global_step}: {self._in_a_row[network]} {network} updates "
+                f"in a row skipped (distill.max_nonfinite_in_a_row={self.cfg.max_nonfinite_in_a_row}); lower the "
+                "learning rates or check the teacher and the data"
+            )
+        return False
+
+    def _clip(self, params) -> torch.Tensor:
+        params = [p for p in params if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+
+    def _set_lrs(self, opt_student, opt_critic, step: int):
+        """Each network's warm-up/decay runs on its own update count (the student's is 1/n of the
+        critic's); set from the global step, so a resumed run continues the schedule exactly."""
+        n = self.cfg.critic_steps_per_generator_step
+        total = max(int(self.trainer.max_steps), 1)
+        for opt, o, own_step, own_total in (
+            (opt_student, self.optim_student, generator_steps_before(step, n), generator_steps_before(total, n)),
+            (opt_critic, self.optim_critic, step, total),
+        ):
+            lr = o.lr * lr_factor(own_step, o, o.total_steps or own_total)
+            for group in opt.param_groups:
+                group["lr"] = lr
+        self.log("distill/lr_student", opt_student.param_groups[0]["lr"])
+        self.log("distill/lr_critic", opt_critic.param_groups[0]["lr"])
+
+    # ---- samples and export (train/callbacks.py) ----------------------------------------------
+    def write_samples(self, sample, out_dir, tag) -> dict:
+        """The student (K steps, no guidance, EMA weights) and, once, the teacher (sample.steps
+        with sample.cfg) for the same prompts and seeds, logged side by side."""
+        student = write_samples(
+            self.student, self.codec, self.meta, sample, out_dir, tag, steps=self.cfg.student_steps,
+            guidance=Guidance(), ema=self.ema, student=self.meta["student"],
+        )
+        if not getattr(self, "_teacher_samples", None):
+            self._teacher_samples = write_samples(self.teacher, self.codec, self.meta, sample, out_dir, "teacher")
+        return {"samples/student": student, "samples/teacher": self._teacher_samples}
+
+    def export_weights(self) -> tuple[dict, str]:
+        if self.ema is not None:
+            return self.ema.named_weights(), "ema"
+        return dict(self.student.state_dict()), "raw"
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        # The frozen teacher is not saved with every checkpoint (a second copy of the model); it is
+        # reloaded from meta["teacher"]["path"] and put back in on_load_checkpoint.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["avgen"] = self.meta
+        checkpoint["distill_skips"] = dict(self.nonfinite)
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint):
+        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if self.ema is not None and "ema" in checkpoint:
+            self.ema.load_state_dict(checkpoint["ema"])
+        self.nonfinite.update(checkpoint.get("distill_skips", {}))
