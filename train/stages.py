@@ -3,6 +3,7 @@ objects once, and runs. Nothing below this layer reads global config."""
 
 import json
 import os
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def report(run_dir: Path, logger) -> None:
     export = run_dir / "export" / "model.safetensors"
     if export.is_file():
         lines.append(f"export:         {export}")
-    samples = sorted((run_dir / "samples").glob("*.mp4"))
+    samples = sorted((run_dir / "samples").glob("*.mp4"), key=lambda p: p.stat().st_mtime)
     if samples:
         lines.append(f"last sample:    {samples[-1]}")
     wandb_dir = getattr(getattr(logger, "experiment", None), "dir", None)
@@ -269,5 +270,9 @@ def run_distill(cfg: DictConfig) -> None:
         "teacher": {"path": str(Path(cfg.teacher).resolve()), "step": teacher_step},
     }
     module = DistillModule(student, critic, teacher, codec, distill, optim_student, optim_critic, run, meta)
+    # Two Lightning warnings that are expected here: the frozen teacher is in eval mode on purpose,
+    # and checkpoints hold the state after the step's updates (what resuming needs).
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
     # Manual optimization: the module clips each network itself (distill.grad_clip).
     fit(cfg, module, run, sample, loader_cfg, trainer_overrides={"gradient_clip_val": None})
