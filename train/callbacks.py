@@ -12,9 +12,11 @@ import numpy as np
 import torch
 
 from train.checkpoint import export_safetensors
+from train.distributed import gather_per_rank, own_entry
 from train.config import SampleConfig
 from train.media import write_av_mp4
 from train.sampling import ClipSpec, Guidance, generate
+from train.strategy import is_partitioned
 
 
 def write_samples(
@@ -29,7 +31,8 @@ def write_samples(
     ema=None,
     student: dict | None = None,
 ) -> list[Path]:
-    """Generate one clip per (prompt, seed), with the EMA weights when given; write mp4 + json.
+    """Generate one clip per (prompt, seed), with the EMA weights when given; write mp4 + json
+    into out_dir (None: generate only, for the ranks that must join ZeRO-3's collectives).
     student: a distilled student's sampler settings (sampling.generate); default: Euler + CFG."""
     data = meta["data"]
     spec = ClipSpec.from_seconds(sample.seconds, data["fps"], sample.height, sample.width, data["sample_rate"])
@@ -48,6 +51,8 @@ def write_samples(
                     flow_shift_args=meta["shift_args"], student=student,
                 )
                 seconds = time.perf_counter() - start
+                if out_dir is None:
+                    continue
                 path = out_dir / f"{tag}_seed{seed}.mp4"
                 write_av_mp4(path, video[0], spec.fps, audio[0] if audio is not None else None, spec.sample_rate)
                 nfe = steps * (2 if guidance.active else 1)
@@ -70,11 +75,14 @@ class SampleCallback(L.Callback):
         self._last_step = -1
 
     def _run(self, trainer, module):
-        if trainer.global_step == self._last_step or not trainer.is_global_zero:
+        # Under ZeRO-3 every forward gathers parameters collectively: all ranks sample, rank 0 writes.
+        if trainer.global_step == self._last_step or not (trainer.is_global_zero or is_partitioned(module)):
             return
         self._last_step = trainer.global_step
-        for key, paths in module.write_samples(self.sample, self.out_dir, f"step{trainer.global_step:07d}").items():
-            log_videos(trainer, paths, self.sample.prompts, key)
+        out_dir = self.out_dir if trainer.is_global_zero else None
+        for key, paths in module.write_samples(self.sample, out_dir, f"step{trainer.global_step:07d}").items():
+            if trainer.is_global_zero:
+                log_videos(trainer, paths, self.sample.prompts, key)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         n = self.sample.every_n_steps
@@ -105,17 +113,29 @@ class ExportCallback(L.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer, module):
+        weights, source = module.export_weights()  # every rank: gathering is collective under ZeRO-3
         if not trainer.is_global_zero:
             return
-        weights, source = module.export_weights()
         export_safetensors(self.path, weights, module.meta, trainer.global_step, source)
 
 
 class RNGStateCallback(L.Callback):
-    """Save and restore the global Python/NumPy/torch RNG states with the checkpoint. The training
-    step itself draws from per-step generators; this covers everything else (e.g. dropout)."""
+    """Save and restore the global Python/NumPy/torch RNG states of every rank with the checkpoint.
+    The training step itself draws from per-step generators; this covers everything else (e.g.
+    dropout)."""
+
+    def setup(self, trainer, module, stage):
+        self._rank, self._world = trainer.global_rank, trainer.world_size
 
     def state_dict(self):
+        return {"ranks": gather_per_rank(self._local_state())}
+
+    def load_state_dict(self, state):
+        if "ranks" not in state:  # single-process checkpoint from before per-rank states
+            state = {"ranks": [state]}
+        self._load_local(own_entry(state["ranks"], self._rank, self._world, "the RNG state"))
+
+    def _local_state(self):
         # NumPy's key array travels as a tensor: checkpoints are loaded with weights_only=True.
         name, keys, pos, has_gauss, cached = np.random.get_state()
         state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.copy()), pos, has_gauss, cached], "torch": torch.get_rng_state()}
@@ -123,7 +143,7 @@ class RNGStateCallback(L.Callback):
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def load_state_dict(self, state):
+    def _load_local(self, state):
         random.setstate(state["python"])
         name, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))

@@ -5,10 +5,12 @@ Hydra's. Config becomes plain objects here and nowhere else. User mistakes (a ba
 missing file) end in one line on stderr and exit code 2, not a traceback.
 """
 
+import os
 import sys
 from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+STAGE_ENV = "AVGEN_STAGE"
 
 STAGES = {
     "pretrain": "flow-matching pretraining of the audio-video transformer (conf/pretrain.yaml)",
@@ -28,6 +30,10 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != [os.environ.get(STAGE_ENV)] and os.environ.get(STAGE_ENV) in STAGES and "LOCAL_RANK" in os.environ:
+        # A rank Lightning started from this process (devices > 1 on one machine): it re-runs
+        # `python -m train <hydra overrides>` without the stage, which arrives in the environment.
+        argv = [os.environ[STAGE_ENV], *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
@@ -59,5 +65,6 @@ def run_stage(stage: str, overrides: list[str]) -> None:
         except OmegaConfBaseException as e:
             fail(str(e).replace("\n", " "))
 
+    os.environ[STAGE_ENV] = stage  # for the ranks Lightning launches as subprocesses (see main)
     sys.argv = [f"python -m train {stage}", *overrides]
     hydra.main(config_path=str(CONF_DIR), config_name=stage, version_base="1.3")(guarded)()

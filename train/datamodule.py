@@ -10,6 +10,7 @@ from data.config import LoaderConfig, SyntheticConfig
 from data.loader import build_loader
 from data.state import StreamState
 from data.synthetic import write_synthetic_shards
+from train.distributed import gather_per_rank, own_entry
 
 
 def prepare_synthetic(synthetic: SyntheticConfig, loader: LoaderConfig) -> None:
@@ -41,7 +42,10 @@ class AVDataModule(L.LightningDataModule):
         return self.stream.skip_counts()
 
     def state_dict(self):
-        return {"stream": self.stream.state_dict()}
+        # Every rank reads its own shards: all ranks' positions go into the checkpoint.
+        return {"streams": gather_per_rank(self.stream.state_dict())}
 
     def load_state_dict(self, state):
-        self.stream.load_state_dict(state["stream"])
+        if "stream" in state:  # a single-process checkpoint from before per-rank streams
+            state = {"streams": [state["stream"]]}
+        self.stream.load_state_dict(own_entry(state["streams"], self.trainer.global_rank, self.trainer.world_size, "the data stream"))

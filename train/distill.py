@@ -48,7 +48,7 @@ from train.dmd import (
 from train.ema import EMA
 from train.flow import add_noise, shift_for_tokens
 from train.parallelize import apply_activation_checkpointing, apply_compile
-from train.pretrain import lr_factor, step_generator
+from train.pretrain import export_weights, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps
 
@@ -118,7 +118,7 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self):
         if self.ema is not None:
-            self.ema.to(self.device)
+            self.ema.bind(self.device)
         self.teacher.eval()
 
     def train(self, mode: bool = True):
@@ -301,9 +301,7 @@ class DistillModule(L.LightningModule):
         return {"samples/student": student, "samples/teacher": self._teacher_samples}
 
     def export_weights(self) -> tuple[dict, str]:
-        if self.ema is not None:
-            return self.ema.named_weights(), "ema"
-        return dict(self.student.state_dict()), "raw"
+        return export_weights(self.student, self.ema, self.global_rank == 0)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):

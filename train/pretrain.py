@@ -21,6 +21,7 @@ from train.flops import H100_BF16_DENSE_FLOPS, active_params_per_token, train_fl
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps
+from train.strategy import full_weights, is_partitioned
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -42,7 +43,6 @@ class PretrainModule(L.LightningModule):
         self.flow, self.optim, self.run = flow, optim, run
         self.meta = meta  # model/codec/data description stored in checkpoints and exports
         self.ema = EMA(model, run.ema_decay) if run.ema_decay > 0 else None
-        self._ema_step = -1
         self._active_params = active_params_per_token(model)  # counted once, for MFU
         self._step_start = None
         self._last_tokens = 0
@@ -56,7 +56,7 @@ class PretrainModule(L.LightningModule):
 
     def on_fit_start(self):
         if self.ema is not None:
-            self.ema.to(self.device)
+            self.ema.bind(self.device)
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -135,6 +135,13 @@ class PretrainModule(L.LightningModule):
         if grads:  # before clipping: the norm the clip threshold is compared with
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks' batch-end hooks (the checkpoint) run before
+        # the module's, and a checkpoint must hold the EMA of the weights it holds.
+        if self.ema is not None:
+            self.ema.update()
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Clip here rather than through the precision plugin: Lightning refuses to clip for fused
         # AdamW under mixed precision (it assumes a grad scaler), and bf16 needs no scaler.
@@ -145,10 +152,11 @@ class PretrainModule(L.LightningModule):
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step
-            self.ema.update()
-            self._ema_step = self.global_step
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
+        if engine is not None and engine.get_global_grad_norm() is not None:
+            # DeepSpeed keeps gradients in its own partitioned buffers (p.grad is None above)
+            self.log("train/grad_norm", float(engine.get_global_grad_norm()))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - self._step_start
@@ -166,9 +174,8 @@ class PretrainModule(L.LightningModule):
         return {"samples/generator": write_samples(self.model, self.codec, self.meta, sample, out_dir, tag, ema=self.ema)}
 
     def export_weights(self) -> tuple[dict, str]:
-        if self.ema is not None:
-            return self.ema.named_weights(), "ema"
-        return dict(self.model.state_dict()), "raw"
+        """Called on every rank (ZeRO-3 gathers collectively); rank 0 gets the weights."""
+        return export_weights(self.model, self.ema, self.global_rank == 0)
 
     # ---- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
@@ -179,7 +186,16 @@ class PretrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-        self._ema_step = checkpoint.get("global_step", -1)
+
+
+def export_weights(model, ema: EMA | None, keep: bool) -> tuple[dict, str]:
+    """(weights by name, "ema" or "raw") of a generator: the EMA weights when kept."""
+    if ema is None:
+        return full_weights(model, keep), "raw"
+    if not is_partitioned(model):
+        return (ema.named_weights() if keep else {}), "ema"
+    with ema.swapped_in():  # ZeRO-3: put the EMA partitions in, gather whole weights
+        return full_weights(model, keep), "ema"
 
 
 def lr_factor(step: int, optim: OptimConfig, total: int) -> float:

@@ -69,10 +69,11 @@ def set_cpu_threads(data_workers: int) -> None:
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if resume in (None, "", "none", "null"):
         return None
+    # A checkpoint is a file, or a directory of shards under the ZeRO strategy.
     if resume == "auto":
         last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(resume).is_file():
+        return str(last) if last.exists() else None
+    if not Path(resume).exists():
         raise ConfigError(f"resume={resume!r}: no such checkpoint; pass a .ckpt path, 'auto' or null")
     return resume
 
@@ -124,6 +125,7 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
 
     from train.callbacks import ExportCallback, RNGStateCallback, SampleCallback
     from train.datamodule import AVDataModule
+    from train.strategy import StrategyConfig, build_strategy
     from train.wandb_run import build_loggers
 
     run_dir = Path(run.run_dir)
@@ -138,10 +140,11 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **trainer_overrides}
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
+    strategy = build_strategy(to_object(StrategyConfig, cfg.strategy, "strategy"), loader_cfg.batch_size)
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
-            strategy=cfg.strategy.name,
+            strategy=strategy,
             logger=loggers,
             callbacks=callbacks,
             default_root_dir=str(run_dir),
@@ -228,6 +231,11 @@ def run_distill(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.devices={trainer_cfg.devices} trainer.num_nodes={trainer_cfg.num_nodes}: the distill stage runs in one "
             "process for now (two optimizers stepped at their own rates need the multi-engine strategy of the scale-out work)"
+        )
+    if cfg.strategy.name == "zero":
+        raise ConfigError(
+            "strategy=zero2/zero3: the distill stage has two optimizers stepped at their own rates, which needs one DeepSpeed "
+            "engine per network (scale-out work, not built yet); use strategy=auto"
         )
     if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")
