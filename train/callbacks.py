@@ -13,6 +13,7 @@ import torch
 
 from train.checkpoint import export_safetensors
 from train.distributed import gather_per_rank, own_entry
+from train.preemption import was_preempted
 from train.config import SampleConfig
 from train.media import write_av_mp4
 from train.sampling import ClipSpec, Guidance, generate
@@ -90,7 +91,8 @@ class SampleCallback(L.Callback):
             self._run(trainer, module)
 
     def on_train_end(self, trainer, module):
-        self._run(trainer, module)
+        if not was_preempted(trainer):  # the job is about to be killed: no time for samples
+            self._run(trainer, module)
 
 
 def log_videos(trainer, paths: list[Path], captions: list[str], key: str):
@@ -113,6 +115,8 @@ class ExportCallback(L.Callback):
         self.path = Path(path)
 
     def on_train_end(self, trainer, module):
+        if was_preempted(trainer):  # not the end of training: the run resumes later
+            return
         weights, source = module.export_weights()  # every rank: gathering is collective under ZeRO-3
         if not trainer.is_global_zero:
             return

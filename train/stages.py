@@ -71,8 +71,10 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         return None
     # A checkpoint is a file, or a directory of shards under the ZeRO strategy.
     if resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
+        # The newest checkpoint: normally last.ckpt, but a run killed between writing a periodic
+        # checkpoint and last.ckpt has the periodic one newer (or alone).
+        found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        return str(found[-1]) if found else None
     if not Path(resume).exists():
         raise ConfigError(f"resume={resume!r}: no such checkpoint; pass a .ckpt path, 'auto' or null")
     return resume
@@ -123,8 +125,11 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
     from train.callbacks import ExportCallback, RNGStateCallback, SampleCallback
     from train.datamodule import AVDataModule
+    from train.preemption import PreemptionCallback
     from train.strategy import StrategyConfig, build_strategy
     from train.wandb_run import build_loggers
 
@@ -135,16 +140,20 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps, save_last=True, save_top_k=-1),
         SampleCallback(sample, run_dir / "samples"),
         RNGStateCallback(),
+        PreemptionCallback(run_dir / "checkpoints" / "last.ckpt"),
     ]
     if run.export:
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **trainer_overrides}
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
     strategy = build_strategy(to_object(StrategyConfig, cfg.strategy, "strategy"), loader_cfg.batch_size)
+    # Under SLURM, preemption is PreemptionCallback's (one resume path: checkpoints/last.ckpt).
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
             strategy=strategy,
+            plugins=plugins,
             logger=loggers,
             callbacks=callbacks,
             default_root_dir=str(run_dir),

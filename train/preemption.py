@@ -1,0 +1,80 @@
+"""Preemption: the scheduler's warning signal saves a checkpoint and ends the run cleanly.
+
+SLURM sends SIGUSR1 (`#SBATCH --signal=USR1@<seconds>`, launch/) some time before the job's end
+or a preemption; other schedulers and `kill` send SIGTERM. Either way, at the end of the current
+step every rank agrees to stop (one all-reduce of a flag per step), `checkpoints/last.ckpt` is
+written (the data stream position, RNG and EMA with it), the run ends without the end-of-training
+samples and export, and under SLURM rank 0 requeues the job (`scontrol requeue`), whose next start
+resumes from last.ckpt (resume=auto) in the same run directory, with the same W&B run.
+
+The handlers replace whatever was installed before training started: Lightning's SIGTERM
+handler (which kills the ranks it launched before anyone could save) and W&B's (which ends the
+process), and Lightning's SLURM auto-requeue is turned off where this callback is used (it saves
+an `hpc_ckpt_N.ckpt` outside checkpoints/), so there is one resume path. They are re-installed
+before every step if a library replaced them meanwhile (W&B starts its run lazily).
+"""
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import lightning as L
+
+
+class PreemptionCallback(L.Callback):
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self, checkpoint_path: Path):
+        self.checkpoint_path = Path(checkpoint_path)
+        self.received: int | None = None
+        self.preempted = False
+        self._previous = {}
+
+    def _handler(self, signum, frame):
+        self.received = signum  # only note it: the step finishes, then on_train_batch_end acts
+
+    def _install(self):
+        for signum in self.SIGNALS:
+            current = signal.getsignal(signum)
+            if current != self._handler:
+                self._previous.setdefault(signum, current)
+                signal.signal(signum, self._handler)
+
+    def on_train_start(self, trainer, module):
+        self._install()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._install()
+
+    def teardown(self, trainer, module, stage):
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        local = self.received is not None or bool(getattr(trainer, "received_sigterm", False))
+        if not trainer.strategy.reduce_boolean_decision(local, all=False):  # any rank: all stop
+            return
+        signame = signal.Signals(self.received).name if self.received else "SIGTERM"
+        print(f"{signame}: saving {self.checkpoint_path} at step {trainer.global_step} and stopping", flush=True)
+        trainer.save_checkpoint(self.checkpoint_path)
+        self.preempted = True
+        trainer.should_stop = True
+        # The checkpoint is written: Lightning need not raise its SIGTERMException after the step.
+        trainer._signal_connector.received_sigterm = False
+        if trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
+            requeue(os.environ["SLURM_JOB_ID"])
+
+
+def requeue(job_id: str) -> None:
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode == 0:
+        print(f"requeued SLURM job {job_id}", flush=True)
+    else:
+        print(f"could not requeue SLURM job {job_id}: {result.stderr.strip()}", flush=True)
+
+
+def was_preempted(trainer) -> bool:
+    """True when the run is ending because of a preemption signal (skip end-of-run work)."""
+    return any(isinstance(c, PreemptionCallback) and c.preempted for c in trainer.callbacks)
