@@ -71,3 +71,11 @@ def segment_timesteps(seq: AVSequence, t: torch.Tensor) -> torch.Tensor:
     generate = torch.tensor([s.role == "generate" for s in seq.layout.segments], device=t.device)
     per_segment = torch.where(generate[None, :], t[:, None], torch.zeros((), device=t.device))
     return seq.layout.expand(per_segment)
+
+
+def tokens_per_sample(args: ModelArgs, codec, clip_seconds: float, fps: float, sample_rate: int, height: int, width: int, text_len: int) -> int:
+    """Sequence length of one training clip (text + video + audio), from shapes alone."""
+    video = codec.video_latent_shape(round(clip_seconds * fps), height, width)
+    audio = codec.audio_latent_shape(round(clip_seconds * sample_rate))
+    segments = [Segment("text", "condition", (text_len,)), Segment("video", "generate", video), Segment("audio", "generate", audio)]
+    return SequenceLayout(segments, args).n_tokens

@@ -111,12 +111,40 @@ def run_pretrain(cfg: DictConfig) -> None:
     codec = instantiate(cfg.codec)
     model_cfg = fill_model_from_codec(cfg.model, codec, loader_cfg.fps, loader_cfg.sample_rate)
 
+    check_cluster(cfg, model_cfg, codec, loader_cfg, flow.text_len, run)
     set_cpu_threads(loader_cfg.num_workers)
     L.seed_everything(run.seed, workers=True, verbose=False)
     model = instantiate(model_cfg)
     meta = describe(model, codec, loader_cfg.fps, loader_cfg.sample_rate, loader_cfg.audio_channels, flow.text_len, flow.shift_args)
     module = PretrainModule(model, codec, flow, optim, run, meta)
     fit(cfg, module, run, sample, loader_cfg, trainer_overrides={})
+
+
+def check_cluster(cfg: DictConfig, model_cfg: DictConfig, codec, loader_cfg, text_len: int, run: RunConfig) -> None:
+    """The cluster preset against this machine and the model, before any process group exists:
+    GPUs, launcher variables, and the memory per GPU estimated on a meta-device copy of the model."""
+    from model import count_parameters
+    from train.cluster import ClusterConfig, check_launch, check_memory
+    from train.sequence import tokens_per_sample
+    from train.strategy import StrategyConfig
+
+    cluster = to_object(ClusterConfig, cfg.get("cluster"), "cluster")
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_launch(cluster, trainer_cfg)
+    if cluster.gpu_memory_gb <= 0:
+        return
+    with torch.device("meta"):
+        probe = instantiate(model_cfg)
+    tokens = max(
+        tokens_per_sample(probe.args, codec, loader_cfg.clip_seconds, loader_cfg.fps, loader_cfg.sample_rate, h, w, text_len)
+        for _, h, w in loader_cfg.buckets
+    )
+    strategy = to_object(StrategyConfig, cfg.strategy, "strategy")
+    check_memory(
+        cluster, count_parameters(probe), probe.args.n_layers, probe.args.dim, tokens * loader_cfg.batch_size,
+        strategy.stage if strategy.name == "zero" else 0, trainer_cfg, resolve_precision(trainer_cfg.get("precision", "auto")),
+        run.ema_decay > 0, run.activation_checkpointing,
+    )
 
 
 def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cfg, trainer_overrides: dict) -> None:

@@ -1,0 +1,89 @@
+"""Checks a cluster preset (conf/cluster/) against where the run was started, before any process
+group exists: enough GPUs, the launcher's variables (SLURM or torchrun) for the processes asked
+for, and the estimated memory per GPU (train/memory.py). Each failure is one ConfigError naming
+the preset, what it asks for and what to do."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from train.config import ConfigError, _require
+from train.memory import estimate_per_gpu
+
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NODELIST")
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class ClusterConfig:
+    """The `cluster` node of a preset: what the hardware is (the rest of a preset sets trainer,
+    strategy and data options), and how launch/ submits it."""
+
+    name: str = "local"
+    gpu_memory_gb: float = 0.0  # per GPU; 0: no memory check (CPU runs)
+    cpus_per_task: int = 2
+    slurm_partition: str | None = None
+    slurm_time: str = "48:00:00"
+    slurm_signal_seconds: int = 180  # SIGUSR1 this long before the time limit: checkpoint + requeue
+
+    def __post_init__(self):
+        _require(self.gpu_memory_gb >= 0, "cluster.gpu_memory_gb", self.gpu_memory_gb, "must be >= 0")
+        _require(self.cpus_per_task >= 1, "cluster.cpus_per_task", self.cpus_per_task, "must be >= 1")
+        _require(self.slurm_signal_seconds >= 0, "cluster.slurm_signal_seconds", self.slurm_signal_seconds, "must be >= 0")
+
+
+def world_size(trainer_cfg: dict) -> int:
+    devices = trainer_cfg.get("devices", 1)
+    per_node = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, list) else 1)
+    return per_node * int(trainer_cfg.get("num_nodes", 1))
+
+
+def check_launch(cluster: ClusterConfig, trainer_cfg: dict, environ=os.environ) -> None:
+    """The processes the preset asks for can exist here."""
+    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1))
+    wants_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda")
+    if wants_gpu and isinstance(devices, int):
+        have = torch.cuda.device_count()
+        if devices > have:
+            raise ConfigError(
+                f"cluster={cluster.name}: trainer.devices={devices} GPUs per node, but this machine has {have}; run it where "
+                "the GPUs are (launch/), or lower trainer.devices, or use +cluster=local"
+            )
+    total = world_size(trainer_cfg)
+    if "SLURM_JOB_ID" in environ and environ.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        missing = [v for v in SLURM_VARS if v not in environ]
+        if missing:
+            raise ConfigError(
+                f"cluster={cluster.name}: inside SLURM job {environ['SLURM_JOB_ID']} but {', '.join(missing)} "
+                "not set: start the ranks with srun (launch/slurm.py writes the batch script)"
+            )
+        if int(environ["SLURM_NTASKS"]) != total:
+            raise ConfigError(
+                f"cluster={cluster.name}: trainer.num_nodes={nodes} x trainer.devices={devices} = {total} processes, but "
+                f"SLURM started {environ['SLURM_NTASKS']} tasks; submit with --nodes={nodes} --ntasks-per-node={devices}"
+            )
+    elif nodes > 1:
+        missing = [v for v in TORCHRUN_VARS if v not in environ]
+        if missing:
+            raise ConfigError(
+                f"cluster={cluster.name}: trainer.num_nodes={nodes} needs a multi-node launcher, and neither SLURM's nor "
+                f"torchrun's variables are set (missing {', '.join(missing)}): submit with launch/slurm.py or start every "
+                "node with launch/torchrun.sh"
+            )
+
+
+def check_memory(cluster: ClusterConfig, n_params: int, n_layers: int, dim: int, tokens: int, zero_stage: int,
+                 trainer_cfg: dict, precision: str, ema: bool, activation_checkpointing: bool) -> None:
+    """The estimated memory per GPU fits cluster.gpu_memory_gb (no check when it is 0)."""
+    if cluster.gpu_memory_gb <= 0:
+        return
+    est = estimate_per_gpu(n_params, n_layers, dim, tokens, zero_stage, world_size(trainer_cfg), precision, ema, activation_checkpointing)
+    if est.total > cluster.gpu_memory_gb:
+        stage = f"ZeRO-{zero_stage}" if zero_stage else "no ZeRO"
+        raise ConfigError(
+            f"cluster={cluster.name}: {n_params / 1e9:.2f}B parameters with {stage} over {world_size(trainer_cfg)} GPUs and "
+            f"{tokens} tokens per micro-batch need about {est.total:.0f} GiB per GPU ({est.table()}), more than its "
+            f"{cluster.gpu_memory_gb:g} GB: use strategy=zero3, activation_checkpointing=true, more GPUs or a smaller "
+            "data.loader.batch_size / clip"
+        )
