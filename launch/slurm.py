@@ -7,9 +7,10 @@ The preset (conf/cluster/<name>.yaml) gives nodes, tasks (one per GPU) and CPUs 
 limit, partition and how long before the limit SLURM sends SIGUSR1. The script runs
 `srun python -m train <stage> ...` so every task is one rank; Lightning reads the rendezvous from
 SLURM's variables (SLURMEnvironment: SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID, the first host of
-SLURM_JOB_NODELIST as the main address). On SIGUSR1 the run saves checkpoints/last.ckpt and
-requeues the job (train/preemption.py); `--requeue` lets SLURM requeue it, and the fixed run
-directory in the script makes the restarted job resume there (resume=auto) with the same W&B run.
+SLURM_JOB_NODELIST as the main address). On SIGUSR1 the ranks save checkpoints/last.ckpt, mark
+the run directory and exit cleanly (train/preemption.py); the script then requeues the job, and
+the fixed run directory in it makes the restarted job resume there (resume=auto) with the same
+W&B run.
 """
 
 import argparse
@@ -73,6 +74,12 @@ def render(stage: str, overrides: list[str], run_dir: Path, python: str = sys.ex
         "# <run_dir>/checkpoints (resume=auto)",
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
         "srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(a) for a in args),
+        "# SIGUSR1 (time limit near, or preemption): the run saved last.ckpt, wrote this marker and",
+        "# exited cleanly; requeue so the job starts again and resumes",
+        f"if [ -f {shlex.quote(str(run_dir / 'preempted'))} ]; then",
+        f'  echo "preempted ($(cat {shlex.quote(str(run_dir / "preempted"))})): requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
         "",
     ]
     return "\n".join(lines)
@@ -84,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", default=None, help="default: runs/<stage>/<date_time>")
     parser.add_argument("--submit", action="store_true", help="sbatch the script (else only write it)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for `python -m train <stage>`, with +cluster=<preset>")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)  # overrides may come before or after the options
+    args.overrides = [*args.overrides, *rest]
     run_dir = Path(args.run_dir or ROOT / "runs" / args.stage / datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     script = run_dir / "job.sbatch"

@@ -3,9 +3,11 @@
 SLURM sends SIGUSR1 (`#SBATCH --signal=USR1@<seconds>`, launch/) some time before the job's end
 or a preemption; other schedulers and `kill` send SIGTERM. Either way, at the end of the current
 step every rank agrees to stop (one all-reduce of a flag per step), `checkpoints/last.ckpt` is
-written (the data stream position, RNG and EMA with it), the run ends without the end-of-training
-samples and export, and under SLURM rank 0 requeues the job (`scontrol requeue`), whose next start
-resumes from last.ckpt (resume=auto) in the same run directory, with the same W&B run.
+written (the data stream position, RNG and EMA with it), `<run_dir>/preempted` records the step,
+and the run ends cleanly (exit code 0) without the end-of-training samples and export. The batch
+script of launch/slurm.py then requeues the job (`scontrol requeue`, after srun has returned, so
+nothing is killed mid-write); its next start resumes from last.ckpt (resume=auto) in the same run
+directory, with the same W&B run.
 
 The handlers replace whatever was installed before training started: Lightning's SIGTERM
 handler (which kills the ranks it launched before anyone could save) and W&B's (which ends the
@@ -14,9 +16,7 @@ an `hpc_ckpt_N.ckpt` outside checkpoints/), so there is one resume path. They ar
 before every step if a library replaced them meanwhile (W&B starts its run lazily).
 """
 
-import os
 import signal
-import subprocess
 from pathlib import Path
 
 import lightning as L
@@ -25,8 +25,9 @@ import lightning as L
 class PreemptionCallback(L.Callback):
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-    def __init__(self, checkpoint_path: Path):
+    def __init__(self, checkpoint_path: Path, marker: Path):
         self.checkpoint_path = Path(checkpoint_path)
+        self.marker = Path(marker)
         self.received: int | None = None
         self.preempted = False
         self._previous = {}
@@ -42,6 +43,8 @@ class PreemptionCallback(L.Callback):
                 signal.signal(signum, self._handler)
 
     def on_train_start(self, trainer, module):
+        if trainer.is_global_zero:
+            self.marker.unlink(missing_ok=True)  # this start is the resume it asked for
         self._install()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -59,20 +62,12 @@ class PreemptionCallback(L.Callback):
         signame = signal.Signals(self.received).name if self.received else "SIGTERM"
         print(f"{signame}: saving {self.checkpoint_path} at step {trainer.global_step} and stopping", flush=True)
         trainer.save_checkpoint(self.checkpoint_path)
+        if trainer.is_global_zero:
+            self.marker.write_text(f"{signame} at step {trainer.global_step}\n")
         self.preempted = True
         trainer.should_stop = True
         # The checkpoint is written: Lightning need not raise its SIGTERMException after the step.
         trainer._signal_connector.received_sigterm = False
-        if trainer.is_global_zero and os.environ.get("SLURM_JOB_ID"):
-            requeue(os.environ["SLURM_JOB_ID"])
-
-
-def requeue(job_id: str) -> None:
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if result.returncode == 0:
-        print(f"requeued SLURM job {job_id}", flush=True)
-    else:
-        print(f"could not requeue SLURM job {job_id}: {result.stderr.strip()}", flush=True)
 
 
 def was_preempted(trainer) -> bool:

@@ -168,7 +168,7 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps, save_last=True, save_top_k=-1),
         SampleCallback(sample, run_dir / "samples"),
         RNGStateCallback(),
-        PreemptionCallback(run_dir / "checkpoints" / "last.ckpt"),
+        PreemptionCallback(run_dir / "checkpoints" / "last.ckpt", marker=run_dir / "preempted"),
     ]
     if run.export:
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
