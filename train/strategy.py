@@ -88,10 +88,14 @@ class StrategyConfig:
         _require(self.timeout_minutes > 0, "strategy.timeout_minutes", self.timeout_minutes, "must be > 0")
 
 
-def build_strategy(cfg: StrategyConfig, micro_batch_size: int):
+def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int):
     """A Lightning strategy object or name for the Trainer. micro_batch_size: the loader's batch
     size per rank (DeepSpeed's train_micro_batch_size_per_gpu; our loader has no batch sampler
     for Lightning to read it from)."""
+    if cfg.name == "auto" and world_size > 1:
+        # Lightning's auto choice for several processes is plain DDP, which rejects the weights a
+        # batch leaves unused (image embedding/head outside image-to-video): conf/strategy/ddp.yaml.
+        return "ddp_find_unused_parameters_true"
     if cfg.name != "zero":
         return cfg.name
     from datetime import timedelta
