@@ -20,7 +20,8 @@ FPS, SECONDS, SR = 8, 1.0, 8000
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(SyntheticConfig(num_clips=8, seconds=1.5, fps=24, width=32, height=32, sample_rate=16000, clips_per_shard=4), out)
+    # 4 shards: enough for 2 ranks (tests/test_zero.py, tests/test_slurm.py)
+    write_synthetic_shards(SyntheticConfig(num_clips=16, seconds=1.5, fps=24, width=32, height=32, sample_rate=16000, clips_per_shard=4), out)
     return out
 
 

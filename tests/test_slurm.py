@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_pretrain_e2e import ROOT, losses
-from tests.test_zero import shards  # noqa: F401  (module fixture: 4 shards for 2 ranks)
+from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture: 4 shards for 2 ranks)
 
 STEPS = 40
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1500)]  # installing slurm-wlm takes a while

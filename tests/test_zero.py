@@ -1,8 +1,7 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on CPU (gloo) in two processes, through `python -m train pretrain`:
-the loss is the same as ZeRO-2's and the single process's, an interrupted run resumes to the same
+ZeRO-2 and ZeRO-3 give the same losses and weights, an interrupted run resumes to the same
 losses and bit-identical exported EMA weights, ZeRO-3 checkpoints hold one shard per rank."""
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -10,24 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.config import SyntheticConfig
-from data.synthetic import write_synthetic_shards
+from tests.test_pretrain_e2e import ROOT, losses
+from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture: 4 shards, for 2 ranks)
 from train.checkpoint import read_weights
-
-ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("deepspeed")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards4")
-    # 4 shards: each of 2 ranks needs its own
-    write_synthetic_shards(SyntheticConfig(num_clips=16, seconds=1.5, fps=24, width=32, height=32, sample_rate=16000, clips_per_shard=4), out)
-    return out
-
-
-def pretrain(run_dir: Path, shards: Path, max_steps: int, *extra: str):
+def pretrain(run_dir: Path, shards: Path, max_steps: int, *extra: str):  # noqa: F811
     args = [
         sys.executable, "-m", "train", "pretrain", f"hydra.run.dir={run_dir}",
         "data.synthetic=null", f"data.loader.shards={shards}", "data.loader.clip_seconds=1.0", "data.loader.fps=8",
@@ -49,16 +38,6 @@ def _env():
     return env
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    found = {}
-    for path in sorted((run_dir / "metrics").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    found[int(row["step"])] = float(row["train/loss"])
-    return found
-
-
 def export(run_dir: Path) -> dict[str, torch.Tensor]:
     return read_weights(run_dir / "export" / "model.safetensors")[0]
 
@@ -67,7 +46,7 @@ TWO_CPU_RANKS = ("trainer.accelerator=cpu", "trainer.devices=2")
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, tmp_path):
+def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, tmp_path):  # noqa: F811
     straight = tmp_path / "straight"
     pretrain(straight, shards, 4, f"strategy={stage}", *TWO_CPU_RANKS)
     last = straight / "checkpoints" / "last.ckpt"
@@ -92,7 +71,7 @@ def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_zero2_and_zero3_agree(shards, tmp_path):
+def test_zero2_and_zero3_agree(shards, tmp_path):  # noqa: F811
     """Partitioning changes where things live, not the math: same losses and EMA weights."""
     runs = {}
     for stage in ("zero2", "zero3"):
