@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from train.checkpoint import export_safetensors
-from train.distributed import gather_per_rank, own_entry
-from train.preemption import was_preempted
 from train.config import SampleConfig
+from train.distributed import gather_per_rank, own_entry
 from train.media import write_av_mp4
+from train.preemption import was_preempted
 from train.sampling import ClipSpec, Guidance, generate
 from train.strategy import is_partitioned
 

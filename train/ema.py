@@ -63,6 +63,7 @@ class EMA:
                 raise RuntimeError("EMA: the parameters were re-partitioned after EMA updates; resume with the same strategy and world size")
             self._pending = True
         return self.to(device)
+
     def current_decay(self) -> float:
         """Warm-up: (1 + n) / (10 + n) until it reaches `decay`. Without it a 0.999 EMA after
         400 steps still holds 67% of the initial weights (zero output heads: it samples noise)."""
@@ -109,7 +110,7 @@ class EMA:
         missing = [n for n in self.names if n not in state["shadow"]]
         if missing:
             raise ValueError(f"EMA state: missing {len(missing)} weights, e.g. {missing[:3]}; was it saved from another model config?")
-        # Shapes are checked against the held values in bind(): partitions under ZeRO-3.
+        # Under ZeRO-3 these are the rank's partitions (DeepSpeed loads the checkpoint after bind()).
         self.shadow = [state["shadow"][n].float().to(s.device) for n, s in zip(self.names, self.shadow)]
         self.updates = int(state.get("updates", 0))
         self._pending = False  # under DeepSpeed the checkpoint is loaded after bind()

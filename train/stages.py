@@ -73,11 +73,19 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if resume == "auto":
         # The newest checkpoint: normally last.ckpt, but a run killed between writing a periodic
         # checkpoint and last.ckpt has the periodic one newer (or alone).
-        found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=written_at)
         return str(found[-1]) if found else None
     if not Path(resume).exists():
         raise ConfigError(f"resume={resume!r}: no such checkpoint; pass a .ckpt path, 'auto' or null")
     return resume
+
+
+def written_at(checkpoint: Path) -> float:
+    """When a checkpoint was last written: a file's mtime, or the newest file in a ZeRO checkpoint
+    directory (re-saving last.ckpt overwrites files in it and leaves the directory's own mtime)."""
+    if checkpoint.is_dir():
+        return max((f.stat().st_mtime for f in checkpoint.rglob("*") if f.is_file()), default=checkpoint.stat().st_mtime)
+    return checkpoint.stat().st_mtime
 
 
 def run_config(cfg: DictConfig, run_dir: Path) -> RunConfig:
@@ -152,7 +160,6 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     samples, RNG state, the export at the end; resume from run.resume."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from train.callbacks import ExportCallback, RNGStateCallback, SampleCallback
