@@ -10,9 +10,11 @@ from pathlib import Path
 
 import av
 import pytest
+import torch
 
 from tests.test_pretrain_e2e import FPS, ROOT, SECONDS, SR, pretrain
 from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture)
+from train.checkpoint import read_weights
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +112,21 @@ def test_distill_refuses_a_teacher_of_another_config(shards, teacher, tmp_path):
     res = subprocess.run(distill_args(tmp_path / "bad", shards, tmp_path / "none.safetensors", 1),
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "teacher=" in res.stderr and "no such file" in res.stderr
+
+
+def test_distill_two_processes_ddp_resumes_exactly(shards, teacher, tmp_path):  # noqa: F811
+    """2 CPU ranks (DDP, gloo): each rank reads its own shards, gradients are all-reduced in both
+    networks' backward passes, and an interrupted run resumes to the same losses."""
+    ranks = ("trainer.accelerator=cpu", "trainer.devices=2")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    distill(straight, shards, teacher, 4, *ranks)
+    distill(resumed, shards, teacher, 2, *ranks)
+    distill(resumed, shards, teacher, 4, *ranks)
+    for key in ("distill/critic_loss", "distill/dm_loss", "distill/gan_critic"):
+        a, b = metric(straight, key), metric(resumed, key)
+        assert sorted(a) == sorted(b) == [0, 1, 2, 3], (key, a, b)
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-7), (key, step, a, b)
+    wa = read_weights(straight / "export" / "model.safetensors")[0]
+    wb = read_weights(resumed / "export" / "model.safetensors")[0]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -16,9 +16,11 @@ are dropped and, for the critic, the optimizer is stepped with no gradients (tor
 parameters without .grad, state included) so the iteration still counts. Skips are counted and
 logged; `max_nonfinite_in_a_row` consecutive ones stop the run naming the loss and the step.
 
-Single process for now: the student's optimizer is stepped outside the strategy, which is right
-for one device and wrong for DDP/DeepSpeed; the distill stage refuses more than one process
-until the multi-engine strategy exists (issue: scale-out).
+Several processes run under DDP: each manual_backward prepares DDP's reducer for the parameters
+its loss reaches (the student's in the generator update, the critic's and the head's in the
+critic update; `find_unused_parameters`), so gradients are all-reduced before either optimizer
+steps, and stepping the student's optimizer outside Lightning is then the same on every rank.
+DeepSpeed ZeRO needs one engine per trainable network and is not supported yet (the stage says so).
 """
 
 import math

@@ -272,15 +272,10 @@ def run_distill(cfg: DictConfig) -> None:
     if cfg.teacher in (None, "", "???"):
         raise ConfigError("teacher is required: teacher=<pretrain run_dir>/export/model.safetensors (or a .ckpt)")
     trainer_cfg = cfg.trainer
-    if str(trainer_cfg.devices) != "1" or int(trainer_cfg.num_nodes) != 1:
-        raise ConfigError(
-            f"trainer.devices={trainer_cfg.devices} trainer.num_nodes={trainer_cfg.num_nodes}: the distill stage runs in one "
-            "process for now (two optimizers stepped at their own rates need the multi-engine strategy of the scale-out work)"
-        )
     if cfg.strategy.name == "zero":
         raise ConfigError(
             "strategy=zero2/zero3: the distill stage has two optimizers stepped at their own rates, which needs one DeepSpeed "
-            "engine per network (scale-out work, not built yet); use strategy=auto"
+            "engine per network (scale-out work, not built yet); use strategy=auto or ddp (several processes: DDP)"
         )
     if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")

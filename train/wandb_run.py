@@ -21,6 +21,8 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path, resolved_config: dict, re
     """cfg: the `logger` config group (project, name, mode, tags). WANDB_MODE in the environment
     wins over cfg.mode, so `WANDB_MODE=online python -m train ...` uploads live."""
     mode = os.environ.get("WANDB_MODE", cfg.mode)
+    if mode == "dryrun":  # W&B's old name for offline; wandb itself sets it for the ranks it starts
+        mode = "offline"
     if mode not in ("offline", "online", "disabled"):
         from train.config import ConfigError
 
