@@ -55,11 +55,15 @@ def run_stage(stage: str, overrides: list[str]) -> None:
         from omegaconf.errors import OmegaConfBaseException
 
         from train.config import ConfigError
+        from train.distill import NonFiniteLossError
 
         try:
             return task(cfg)
         except (ConfigError, FileNotFoundError) as e:
             fail(str(e))
+        except NonFiniteLossError as e:  # the run stopped itself; the checkpoints before it remain
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         except InstantiationException as e:
             fail(str(e).replace("\n", " "))
         except OmegaConfBaseException as e:

@@ -10,6 +10,7 @@ from data.config import LoaderConfig, SyntheticConfig
 from data.loader import build_loader
 from data.state import StreamState
 from data.synthetic import write_synthetic_shards
+from train.config import ConfigError
 from train.distributed import gather_per_rank, own_entry
 
 
@@ -30,7 +31,10 @@ class AVDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         resume = self.stream.state_dict() if self.stream.layout is not None else None
-        return build_loader(self.cfg, self.trainer.global_rank, self.trainer.world_size, resume=resume)
+        try:
+            return build_loader(self.cfg, self.trainer.global_rank, self.trainer.world_size, resume=resume)
+        except ValueError as e:  # e.g. fewer shards than ranks x workers: the message says what to do
+            raise ConfigError(f"data.loader: {e}") from None
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
         # Lightning calls this for the batch about to be trained on (not for the one it
