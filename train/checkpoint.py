@@ -47,6 +47,11 @@ def read_weights(path, option: str = "ckpt") -> tuple[dict[str, torch.Tensor], d
     """(weights with clean names, meta, step) from a .safetensors export or a Lightning .ckpt.
     option: the config option the path came from, for error messages."""
     path = Path(path)
+    if path.is_dir() and (path / "checkpoint").is_dir():
+        raise ConfigError(
+            f"{option}={str(path)!r} is a DeepSpeed checkpoint directory (sharded); pass the run's export/model.safetensors, "
+            f"or consolidate it first with {path / 'zero_to_fp32.py'}"
+        )
     if not path.is_file():
         raise ConfigError(f"{option}={str(path)!r}: no such file; pass a .ckpt from <run_dir>/checkpoints or an export/*.safetensors")
     if path.suffix == ".safetensors":

@@ -279,6 +279,9 @@ def run_distill(cfg: DictConfig) -> None:
         )
     if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")
+    from train.cluster import ClusterConfig, check_launch
+
+    check_launch(to_object(ClusterConfig, cfg.get("cluster"), "cluster"), OmegaConf.to_container(trainer_cfg, resolve=True))
 
     import lightning as L
 
