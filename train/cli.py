@@ -20,7 +20,7 @@ STAGES = {
 
 USAGE = "usage: python -m train <stage> [key=value ...] [--help]\n\nstages:\n" + "\n".join(
     f"  {name:<9} {text}" for name, text in STAGES.items()
-) + "\n\nExamples:\n  python -m train pretrain trainer.max_steps=20\n  python -m train sample ckpt=runs/x/export/model.safetensors prompt=\"a red ball bounces\" steps=50 cfg=5.0\n  python -m train pretrain --help   (Hydra's help: config groups and options)"
+) + "\n\nExamples:\n  python -m train pretrain trainer.max_steps=20\n  python -m train sample ckpt=runs/x/export/model.safetensors prompt=\"a red ball bounces\" steps=50 cfg=5.0\n  python -m train distill teacher=runs/x/export/model.safetensors\n  python -m train pretrain --help   (Hydra's help: config groups and options)"
 
 
 def fail(message: str) -> None:
