@@ -87,9 +87,11 @@ def features(clips, fps, sample_rate) -> torch.Tensor:
     return torch.stack([clip_features(c["video"], c["audio"], fps, sample_rate) for c in clips])
 
 
-def sample_set(path: str, real: list[dict], seconds: float, height: int, width: int, steps: int | None, cfg: float | None, device: str):
-    """One generated clip per real clip: its caption as the prompt, seed = clip index."""
-    model, codec, meta, _ = load_generator(path, device)
+def sample_set(path: str, generator, real: list[dict], seconds: float, height: int, width: int, steps: int | None,
+               cfg: float | None, device: str):
+    """One generated clip per real clip: its caption as the prompt, seed = clip index.
+    generator: load_generator(path, device)."""
+    model, codec, meta, _ = generator
     student = meta.get("student")
     steps = steps or (student["steps"] if student else 50)
     scale = cfg if cfg is not None else (1.0 if student else 5.0)
@@ -111,7 +113,7 @@ def sample_set(path: str, real: list[dict], seconds: float, height: int, width: 
             "network_evaluations": steps * (2 if guidance.active else 1),
             # the first clip includes warm-up; the median is the steady state
             "seconds_per_clip_median": sorted(times)[len(times) // 2], "seconds_per_clip_mean": sum(times) / len(times)}
-    return out, info, meta
+    return out, info
 
 
 def main(argv=None) -> dict:
@@ -131,12 +133,15 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    _, _, teacher_meta, _ = load_generator(args.teacher, "cpu")
+    teacher_generator = load_generator(args.teacher, args.device)
+    teacher_meta = teacher_generator[2]
     fps, rate = teacher_meta["data"]["fps"], teacher_meta["data"]["sample_rate"]
     real = held_out_clips(args.clips, teacher_meta, args.seconds, args.height, args.width, args.source_fps, args.source_rate)
     sets = {"real": (real, {"sampler": "held-out real clips"})}
-    teacher, teacher_info, _ = sample_set(args.teacher, real, args.seconds, args.height, args.width, args.teacher_steps, args.teacher_cfg, args.device)
-    student, student_info, _ = sample_set(args.student, real, args.seconds, args.height, args.width, None, None, args.device)
+    teacher, teacher_info = sample_set(args.teacher, teacher_generator, real, args.seconds, args.height, args.width,
+                                       args.teacher_steps, args.teacher_cfg, args.device)
+    student, student_info = sample_set(args.student, load_generator(args.student, args.device), real, args.seconds,
+                                       args.height, args.width, None, None, args.device)
     sets["teacher"], sets["student"] = (teacher, teacher_info), (student, student_info)
 
     real_feats = features(real, fps, rate)

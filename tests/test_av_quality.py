@@ -19,7 +19,8 @@ from data.batching import stack_video  # noqa: E402
 from data.config import LoaderConfig, SyntheticConfig  # noqa: E402
 from data.decode import ClipSpec, decode_clip  # noqa: E402
 from data.synthetic import synthetic_clip  # noqa: E402
-from model import AVTransformer, ModelArgs  # noqa: E402
+from model import AVTransformer  # noqa: E402
+from tests.test_pretrain_module import tiny_args  # noqa: E402
 from train.checkpoint import describe, export_safetensors  # noqa: E402
 from train.codec import PatchCodec  # noqa: E402
 
@@ -84,9 +85,7 @@ def test_frechet_distance_against_the_closed_form():
 
 def test_quality_report_runs_on_tiny_exports(tmp_path):
     codec = PatchCodec(video_pool=True)
-    args = ModelArgs(dim=32, n_heads=4, n_kv_heads=2, mlp_hidden=64, n_modality_in=1, n_shared=1, n_modality_out=1,
-                     video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
-                     text_input="bytes", text_feature_dim=0, audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SR))
+    args = tiny_args(codec, 32)
     torch.manual_seed(0)
     model = AVTransformer(args)
     meta = describe(model, codec, FPS, SR, 1, 32, (256, 1.0, 3.0))

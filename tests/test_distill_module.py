@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from tests.test_pretrain_module import FPS, SR, Repeat, fixed_batch
-from model import AVTransformer, ModelArgs
+from tests.test_pretrain_module import FPS, SR, Repeat, fixed_batch, tiny_args
+from model import AVTransformer
 from train.checkpoint import describe
 from train.codec import PatchCodec
 from train.config import DistillConfig, OptimConfig, RunConfig
@@ -19,9 +19,7 @@ from train.distill import DistillModule, NonFiniteLossError
 
 def make_module(ema_decay=0.0, **distill):
     codec = PatchCodec()
-    args = ModelArgs(dim=32, n_heads=4, n_kv_heads=2, mlp_hidden=64, n_modality_in=1, n_shared=1, n_modality_out=1,
-                     video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
-                     text_input="bytes", text_feature_dim=0, audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SR))
+    args = tiny_args(codec, 32)
     torch.manual_seed(0)
     teacher = AVTransformer(args)
     with torch.no_grad():  # a teacher whose outputs are not all zero (zero-initialised heads)

@@ -41,11 +41,16 @@ class Repeat(Dataset):
         return self.batch
 
 
-def make_module(lr=3e-3, ema_decay=0.9, **flow):
-    codec = PatchCodec()
-    args = ModelArgs(dim=48, n_heads=4, n_kv_heads=2, mlp_hidden=96, n_modality_in=1, n_shared=1, n_modality_out=1,
+def tiny_args(codec: PatchCodec, dim: int) -> ModelArgs:
+    """A 1 + 1 + 1-layer model of width `dim` on the codec's latents at FPS and SR."""
+    return ModelArgs(dim=dim, n_heads=4, n_kv_heads=2, mlp_hidden=2 * dim, n_modality_in=1, n_shared=1, n_modality_out=1,
                      video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
                      text_input="bytes", text_feature_dim=0, audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SR))
+
+
+def make_module(lr=3e-3, ema_decay=0.9, **flow):
+    codec = PatchCodec()
+    args = tiny_args(codec, 48)
     torch.manual_seed(0)
     model = AVTransformer(args)
     flow_cfg = FlowConfig(caption_dropout=0.0, text_len=16, **flow)

@@ -43,6 +43,19 @@ def export_safetensors(path, weights: dict[str, torch.Tensor], meta: dict, step:
     return path
 
 
+def export_weights(model, ema, keep: bool) -> tuple[dict, str]:
+    """(weights by name, "ema" or "raw") of a generator for export_safetensors: the EMA weights
+    when kept. Every rank calls it (ZeRO-3 gathers collectively); ranks with keep=False get {}."""
+    from train.strategy import full_weights, is_partitioned
+
+    if ema is None:
+        return full_weights(model, keep), "raw"
+    if not is_partitioned(model):
+        return (ema.named_weights() if keep else {}), "ema"
+    with ema.swapped_in():  # ZeRO-3: put the EMA partitions in, gather whole weights
+        return full_weights(model, keep), "ema"
+
+
 def read_weights(path, option: str = "ckpt") -> tuple[dict[str, torch.Tensor], dict, int]:
     """(weights with clean names, meta, step) from a .safetensors export or a Lightning .ckpt.
     option: the config option the path came from, for error messages."""

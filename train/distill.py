@@ -50,9 +50,10 @@ from train.dmd import (
 from train.ema import EMA
 from train.flow import add_noise, shift_for_tokens
 from train.parallelize import apply_activation_checkpointing, apply_compile
-from train.pretrain import export_weights, lr_factor, step_generator
+from train.checkpoint import export_weights
+from train.pretrain import lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
-from train.sequence import build_sequence, segment_timesteps
+from train.sequence import build_sequence, segment_timesteps, sequence_length
 
 NAMES = ("video", "audio")  # order of the latents in a sample, as build_sequence emits them
 
@@ -108,6 +109,7 @@ class DistillModule(L.LightningModule):
         self.nonfinite = {"generator": 0, "critic": 0}  # skipped updates, in total
         self._in_a_row = {"generator": 0, "critic": 0}  # consecutive skipped updates of each network
         self._last_generator_stats = {}
+        self._teacher_samples = None  # the teacher is frozen: its samples are made once
 
     # ---- setup --------------------------------------------------------------------------------
     def configure_model(self):
@@ -121,7 +123,6 @@ class DistillModule(L.LightningModule):
     def on_fit_start(self):
         if self.ema is not None:
             self.ema.bind(self.device)
-        self.teacher.eval()
 
     def train(self, mode: bool = True):
         # Lightning puts the whole module in train mode each epoch; the teacher stays in eval.
@@ -168,7 +169,7 @@ class DistillModule(L.LightningModule):
             real = [self.codec.encode_video(batch["video"]), self.codec.encode_audio(batch["audio"])]
         captions = list(batch["caption"])
         B = real[0].shape[0]
-        n_tokens = build_sequence(self.student.args, captions[:1], self.text_len, real[0][:1], real[1][:1]).layout.n_tokens
+        n_tokens = sequence_length(self.student.args, self.text_len, real[0].shape[1:], real[1].shape[1:])
         shift = shift_for_tokens(n_tokens, *self.shift_args)
         timesteps = self.student_timesteps(n_tokens)
         student_v = self.velocity(self.student, captions)
@@ -298,7 +299,7 @@ class DistillModule(L.LightningModule):
             self.student, self.codec, self.meta, sample, out_dir, tag, steps=self.cfg.student_steps,
             guidance=Guidance(), ema=self.ema, student=self.meta["student"],
         )
-        if not getattr(self, "_teacher_samples", None):
+        if self._teacher_samples is None:
             self._teacher_samples = write_samples(self.teacher, self.codec, self.meta, sample, out_dir, "teacher")
         return {"samples/student": student, "samples/teacher": self._teacher_samples}
 

@@ -11,6 +11,8 @@ import io
 import torch
 import torch.distributed as dist
 
+from train.config import ConfigError
+
 
 def gather_per_rank(state) -> list:
     """[state of rank 0, state of rank 1, ...]; [state] when not distributed."""
@@ -28,7 +30,7 @@ def gather_per_rank(state) -> list:
 def own_entry(states: list, rank: int, world_size: int, what: str):
     """This rank's entry of a gathered list, after checking the world size did not change."""
     if len(states) != world_size:
-        raise ValueError(
+        raise ConfigError(
             f"{what} was saved by {len(states)} ranks but this run has {world_size}; resume with the same number "
             "of processes (or start a fresh run from the export)"
         )

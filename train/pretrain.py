@@ -14,6 +14,7 @@ import torch
 
 from model import AVTransformer
 from train.callbacks import write_samples
+from train.checkpoint import export_weights
 from train.codec import PatchCodec
 from train.config import FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
@@ -21,7 +22,6 @@ from train.flops import H100_BF16_DENSE_FLOPS, active_params_per_token, train_fl
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps
-from train.strategy import full_weights, is_partitioned
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -154,9 +154,9 @@ class PretrainModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
-        if engine is not None and engine.get_global_grad_norm() is not None:
-            # DeepSpeed keeps gradients in its own partitioned buffers (p.grad is None above)
-            self.log("train/grad_norm", float(engine.get_global_grad_norm()))
+        grad_norm = engine.get_global_grad_norm() if engine is not None else None
+        if grad_norm is not None:  # DeepSpeed keeps gradients in its own buffers (p.grad is None above)
+            self.log("train/grad_norm", float(grad_norm))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - self._step_start
@@ -186,16 +186,6 @@ class PretrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
-
-
-def export_weights(model, ema: EMA | None, keep: bool) -> tuple[dict, str]:
-    """(weights by name, "ema" or "raw") of a generator: the EMA weights when kept."""
-    if ema is None:
-        return full_weights(model, keep), "raw"
-    if not is_partitioned(model):
-        return (ema.named_weights() if keep else {}), "ema"
-    with ema.swapped_in():  # ZeRO-3: put the EMA partitions in, gather whole weights
-        return full_weights(model, keep), "ema"
 
 
 def lr_factor(step: int, optim: OptimConfig, total: int) -> float:

@@ -14,7 +14,7 @@ from model import AVTransformer
 from train.codec import PatchCodec
 from train.dmd import student_sample
 from train.flow import cfg_combine, euler_sample, sampling_schedule, shift_for_tokens
-from train.sequence import build_sequence, segment_timesteps
+from train.sequence import build_sequence, segment_timesteps, sequence_length
 
 
 @dataclass
@@ -107,8 +107,8 @@ def generate(
     device = next(model.parameters()).device
     noise = latent_noise(codec, spec, seeds, device)
     if shift is None:
-        probe = build_sequence(model.args, captions[:1], text_len, noise[0][:1], noise[1][:1] if len(noise) > 1 else None)
-        shift = shift_for_tokens(probe.layout.n_tokens, *flow_shift_args) if flow_shift_args else 1.0
+        n_tokens = sequence_length(model.args, text_len, noise[0].shape[1:], noise[1].shape[1:] if len(noise) > 1 else None)
+        shift = shift_for_tokens(n_tokens, *flow_shift_args) if flow_shift_args else 1.0
     velocity = make_velocity_fn(model, captions, text_len, guidance)
     if student is None:
         latents = euler_sample(velocity, noise, sampling_schedule(steps, shift))

@@ -73,9 +73,17 @@ def segment_timesteps(seq: AVSequence, t: torch.Tensor) -> torch.Tensor:
     return seq.layout.expand(per_segment)
 
 
+def sequence_length(args: ModelArgs, text_len: int, video_shape: tuple, audio_shape: tuple | None) -> int:
+    """Tokens of a t2v sequence (text + video + audio) from latent shapes (C, T, H, W) and (C, S)
+    alone, as build_sequence would lay it out: what the resolution-dependent shift is computed on."""
+    segments = [Segment("text", "condition", (text_len,)), Segment("video", "generate", tuple(video_shape))]
+    if audio_shape is not None:
+        segments.append(Segment("audio", "generate", tuple(audio_shape)))
+    return SequenceLayout(segments, args).n_tokens
+
+
 def tokens_per_sample(args: ModelArgs, codec, clip_seconds: float, fps: float, sample_rate: int, height: int, width: int, text_len: int) -> int:
-    """Sequence length of one training clip (text + video + audio), from shapes alone."""
+    """Sequence length of one training clip (text + video + audio), from the clip's size."""
     video = codec.video_latent_shape(round(clip_seconds * fps), height, width)
     audio = codec.audio_latent_shape(round(clip_seconds * sample_rate))
-    segments = [Segment("text", "condition", (text_len,)), Segment("video", "generate", video), Segment("audio", "generate", audio)]
-    return SequenceLayout(segments, args).n_tokens
+    return sequence_length(args, text_len, video, audio)

@@ -11,8 +11,8 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
 from train.config import ConfigError, _require
