@@ -51,7 +51,7 @@ from train.ema import EMA
 from train.flow import add_noise, shift_for_tokens
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.checkpoint import export_weights
-from train.pretrain import lr_factor, step_generator
+from train.pretrain import adamw, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
 
@@ -132,12 +132,8 @@ class DistillModule(L.LightningModule):
 
     def configure_optimizers(self):
         fused = self.device.type == "cuda"
-
-        def adamw(params, o: OptimConfig):
-            return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, fused=fused)
-
-        critic_params = [*self.critic.parameters(), *self.gan_head.parameters()]
-        return [adamw(self.student.parameters(), self.optim_student), adamw(critic_params, self.optim_critic)]
+        critic_params = [*self.critic.named_parameters(), *self.gan_head.named_parameters()]
+        return [adamw(self.student.named_parameters(), self.optim_student, fused), adamw(critic_params, self.optim_critic, fused)]
 
     # ---- the networks as train/dmd.py callables -----------------------------------------------
     def velocity(self, net: AVTransformer, captions, guidance: Guidance = Guidance()):

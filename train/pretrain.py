@@ -59,15 +59,7 @@ class PretrainModule(L.LightningModule):
             self.ema.bind(self.device)
 
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            # matrices decay; biases, norms, gate logits and modulation offsets do not
-            (decay if p.dim() >= 2 and "modulation" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW(groups, lr=self.optim.lr, betas=self.optim.betas, eps=self.optim.eps, fused=fused)
+        opt = adamw(self.model.named_parameters(), self.optim, fused=self.device.type == "cuda")
         total = self.optim.total_steps or max(int(self.trainer.max_steps), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.optim, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -186,6 +178,17 @@ class PretrainModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
+
+
+def adamw(named_parameters, optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: matrices decay; biases, norms, gate logits and
+    modulation offsets do not (decaying a norm's gain or an adaLN offset pulls it to 0)."""
+    decay, no_decay = [], []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and "modulation" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
 
 
 def lr_factor(step: int, optim: OptimConfig, total: int) -> float:
