@@ -85,14 +85,10 @@ class SequenceLayout:
         """(n_tokens, 3) float32 rotary positions on the (t, h, w) axes."""
         return torch.cat([self._segment_positions(i) for i in range(len(self.segments))])
 
-    @cached_property
-    def segment_index(self) -> torch.Tensor:
-        """(n_tokens,) long: the segment each token belongs to."""
-        return torch.repeat_interleave(torch.arange(len(self.segments)), torch.tensor(self.lengths))
-
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
-        """(B, n_segments) values -> (B, n_tokens), e.g. per-segment timesteps to per-token ones."""
-        return per_segment[:, self.segment_index.to(per_segment.device)]
+        """(B, n_segments) values -> (B, n_tokens), each repeated over its segment's tokens
+        (on per_segment's device, with no index tensor to copy there)."""
+        return torch.cat([per_segment[:, i, None].expand(-1, n) for i, n in enumerate(self.lengths)], dim=1)
 
     def _segment_positions(self, i: int) -> torch.Tensor:
         seg, (gt, gh, gw) = self.segments[i], self.grids[i]

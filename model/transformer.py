@@ -7,6 +7,7 @@
 Pure math: no parallelism, precision policy, compile or I/O here (train/ applies those).
 """
 
+import functools
 import math
 
 import torch
@@ -38,7 +39,7 @@ def timestep_features(t: torch.Tensor, dim: int, max_period: float = 10000.0) ->
 
 class TimestepEmbedding(nn.Module):
     """t -> embedding (dim) -> block modulation (6 x dim), shared by all blocks (each block adds its
-    own learned offset). Evaluated once per distinct timestep in the batch."""
+    own learned offset). Evaluated once per (sample, segment): never per token."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -132,20 +133,24 @@ class AVTransformer(nn.Module):
     ) -> list[torch.Tensor | None]:
         """
         inputs: one latent per segment, (B, *segment.shape) (text bytes: (B, L) long).
-        timesteps: (B, N) per-token flow time in [0, 1]; 0 for `condition` tokens. Must be constant
-            within each segment (split a segment to vary it, e.g. per latent frame).
+        timesteps: (B, n_segments) flow time in [0, 1] of each segment; 0 for `condition` segments.
+            A segment has one timestep (split a segment to vary it, e.g. per latent frame).
         key_mask: optional (B, N) bool, False on padding tokens nobody should attend to.
         Returns one entry per segment: the velocity (same shape as the input) for `generate`
         segments, None for `condition` segments.
         """
         x = self._embed(inputs, layout)
         B, N = x.shape[:2]
-        seg_t = self._segment_timesteps(timesteps, layout, B)
-
-        # Timestep modulation once per distinct timestep value, then gathered per segment.
-        unique_t, inverse = torch.unique(seg_t, return_inverse=True)
-        t_emb, t_mod = self.time(unique_t)
-        angles = rope_angles(layout.positions.to(x.device), self.args.rope_axes_dim, self.args.rope_theta)
+        if timesteps.shape != (B, len(layout.segments)):
+            raise ValueError(
+                f"timesteps: shape {tuple(timesteps.shape)} != (batch, segments) = {(B, len(layout.segments))}; "
+                "give one timestep per segment of the layout"
+            )
+        # Modulation once per (sample, segment), broadcast over the segment's tokens inside the
+        # blocks. Not deduplicated with torch.unique: its output size would cost a host sync, for
+        # a saving of a few (dim x 6 dim) rows against millions of token rows.
+        t_emb, t_mod = self.time(timesteps.reshape(-1))
+        cos, sin = rope_tables(layout, x.device)
         attn_mask = None
         if key_mask is not None:
             if key_mask.shape != (B, N):
@@ -154,14 +159,14 @@ class AVTransformer(nn.Module):
         ctx = BlockContext(
             runs_modality=layout.runs(shared=False),
             runs_shared=layout.runs(shared=True),
-            modulation=t_mod[inverse],
-            rope_cos=torch.cos(angles),
-            rope_sin=torch.sin(angles),
+            modulation=t_mod.unflatten(0, (B, -1)),
+            rope_cos=cos,
+            rope_sin=sin,
             attn_mask=attn_mask,
         )
         for block in self.blocks:
             x = block(x, ctx)
-        return self._outputs(x, layout, t_emb[inverse])
+        return self._outputs(x, layout, t_emb.unflatten(0, (B, -1)))
 
     def _embed(self, inputs, layout: SequenceLayout) -> torch.Tensor:
         if len(inputs) != len(layout.segments):
@@ -186,17 +191,6 @@ class AVTransformer(nn.Module):
             return patchify_audio(x, a.audio_patch)
         return x  # text: byte ids for the embedding, or features for the projection
 
-    def _segment_timesteps(self, timesteps, layout: SequenceLayout, batch: int) -> torch.Tensor:
-        if timesteps.shape != (batch, layout.n_tokens):
-            raise ValueError(
-                f"timesteps: shape {tuple(timesteps.shape)} != (batch, tokens) = {(batch, layout.n_tokens)}; "
-                "the segment layout must cover the whole sequence"
-            )
-        seg_t = timesteps[:, list(layout.starts)]
-        if not torch.equal(layout.expand(seg_t), timesteps):
-            raise ValueError("timesteps: must be constant within each segment; split the segment to vary them")
-        return seg_t
-
     def _outputs(self, x, layout: SequenceLayout, seg_emb: torch.Tensor) -> list[torch.Tensor | None]:
         a = self.args
         outs = []
@@ -212,6 +206,16 @@ class AVTransformer(nn.Module):
             else:
                 outs.append(unpatchify_audio(y, a.audio_patch))
         return outs
+
+
+@functools.lru_cache(maxsize=8)
+def rope_tables(layout: SequenceLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin of a layout on a device. Cached: batches are bucketed, so few layouts recur,
+    and rebuilding them would copy positions host-to-device (a stream sync) on every forward."""
+    a = layout.args
+    with torch.inference_mode(False):  # a table made while sampling must still serve training
+        angles = rope_angles(layout.positions.to(device), a.rope_axes_dim, a.rope_theta)
+        return torch.cos(angles), torch.sin(angles)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -158,16 +158,3 @@ def test_sequence_tasks_and_timesteps():
     assert seq.targets == {2: "video", 3: "audio"}
     with pytest.raises(ValueError, match="task='v2a'"):
         build_sequence(model.args, ["a"], 8, video[:1], None, task="v2a")
-
-
-def test_flop_count_by_hand():
-    from train.flops import active_params_per_token, train_flops_per_sample
-
-    model = tiny_model()
-    a = model.args
-    # one weight set per block: qkv d*(d + 2*kv*hd), out d*d, SwiGLU 3*d*h, 3 norms of d + 2 of hd,
-    # gate d*H + H, modulation 6*d
-    d, hd, kv, h, H = a.dim, a.head_dim, a.n_kv_heads, a.mlp_hidden, a.n_heads
-    per_set = d * (d + 2 * kv * hd) + d * d + 3 * d * h + 2 * d + 2 * hd + d * H + H + 6 * d
-    assert active_params_per_token(model) == a.n_layers * per_set
-    assert train_flops_per_sample(1000, 2, 8, 10) == 6 * 1000 * 10 + 12 * 2 * 100 * 8

@@ -4,6 +4,8 @@ raises ConfigError naming the option, the value and what is allowed."""
 
 from dataclasses import dataclass, field
 
+from train.parallelize import AC_MODES, ATTENTION_BACKENDS
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake: printed as one line by the entry point."""
@@ -95,15 +97,30 @@ class RunConfig:
     run_dir: str
     seed: int = 0
     ema_decay: float = 0.999
-    activation_checkpointing: bool = False
+    # none | full (recompute each block) | selective (keep matmul/attention outputs, recompute the
+    # elementwise ops); true/false mean full/none.
+    activation_checkpointing: str = "none"
+    # Scaled-dot-product-attention kernels in priority order (train/parallelize.py).
+    attention_backends: list[str] = field(default_factory=lambda: ["cudnn", "flash", "efficient", "math"])
     compile: bool = False
     checkpoint_every_n_steps: int = 100
     resume: str | None = None  # a .ckpt path, "auto" (last checkpoint in run_dir if any) or None
     export: bool = True  # write export/model.safetensors (EMA weights) at the end
+    # Peak FLOP/s of one device for perf/mfu; null: Lightning's table for the GPU and precision
+    # (H100 SXM bf16: 989.4e12), no MFU on CPU.
+    peak_flops: float | None = None
 
     def __post_init__(self):
         _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
         _require(self.checkpoint_every_n_steps >= 1, "checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be >= 1")
+        ac = {"true": "full", "false": "none"}.get(str(self.activation_checkpointing).lower(), self.activation_checkpointing)
+        _require(ac in AC_MODES, "activation_checkpointing", self.activation_checkpointing, f"choose from {', '.join(AC_MODES)}")
+        self.activation_checkpointing = ac
+        bad = [b for b in self.attention_backends if b not in ATTENTION_BACKENDS]
+        _require(bool(self.attention_backends) and not bad, "attention_backends", list(self.attention_backends),
+                 f"a non-empty list from {', '.join(ATTENTION_BACKENDS)}")
+        self.attention_backends = list(self.attention_backends)
+        _require(self.peak_flops is None or self.peak_flops > 0, "peak_flops", self.peak_flops, "must be > 0 FLOP/s, or null")
 
 
 @dataclass

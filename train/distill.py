@@ -110,12 +110,12 @@ class DistillModule(L.LightningModule):
         self._in_a_row = {"generator": 0, "critic": 0}  # consecutive skipped updates of each network
         self._last_generator_stats = {}
         self._teacher_samples = None  # the teacher is frozen: its samples are made once
+        self.samples_in_step = self.tokens_in_step = 0  # read by train/throughput.py
 
     # ---- setup --------------------------------------------------------------------------------
     def configure_model(self):
-        for net in (self.student, self.critic):
-            if self.run.activation_checkpointing:
-                apply_activation_checkpointing(net)
+        for net in (self.student, self.critic):  # the teacher has no backward: nothing to keep
+            apply_activation_checkpointing(net, self.run.activation_checkpointing)
         if self.run.compile:
             for net in (self.student, self.critic, self.teacher):
                 apply_compile(net)
@@ -145,8 +145,7 @@ class DistillModule(L.LightningModule):
         seq = build_sequence(self.critic.args, captions, self.text_len, xs[0], xs[1])
         with capture_output(self.critic.blocks[self.gan_layer]) as box:
             preds = self.critic(seq.inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask)
-        generated = torch.tensor([s.role == "generate" for s in seq.layout.segments], device=t.device)
-        mask = seq.layout.expand(generated[None].expand(len(captions), -1))
+        mask = seq.layout.expand(torch.stack([t.new_full(t.shape, s.role == "generate") for s in seq.layout.segments], 1)).bool()
         return [preds[i] for i in sorted(seq.targets)], self.gan_head(box["out"].float(), mask)
 
     def student_timesteps(self, n_tokens: int) -> torch.Tensor:
@@ -166,6 +165,7 @@ class DistillModule(L.LightningModule):
         captions = list(batch["caption"])
         B = real[0].shape[0]
         n_tokens = sequence_length(self.student.args, self.text_len, real[0].shape[1:], real[1].shape[1:])
+        self.samples_in_step, self.tokens_in_step = B, B * n_tokens
         shift = shift_for_tokens(n_tokens, *self.shift_args)
         timesteps = self.student_timesteps(n_tokens)
         student_v = self.velocity(self.student, captions)

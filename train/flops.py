@@ -1,22 +1,54 @@
-"""Model FLOPs of a training step, for throughput and MFU logging.
+"""Model FLOPs of the transformer, for throughput and MFU (train/throughput.py, bench/).
 
-Counted as in DESIGN.md: 6 * active_params * tokens for the matmuls (forward + backward) plus
-12 * layers * tokens^2 * dim for attention. A token only touches its own modality's weights in a
-modality block, so the active parameters are the shared blocks plus one weight set per
-modality block."""
+Counted from the shapes alone (no parameter is read, so this works on the meta device and under
+ZeRO-3, where a rank holds a slice of each weight). A matmul of (n x k) by (k x m) is 2 n k m.
+Forward of one sample:
+- every token: its modality's input projection, then per block one weight set's qkv, head gate,
+  output projection and SwiGLU; a `generate` token also its modality's output head;
+- attention: QK^T and PV over the whole sequence, 2 x 2 N^2 dim per block (GQA shares K/V but
+  not the score FLOPs);
+- per (sample, segment): the timestep MLP and modulation, and the output heads' modulation.
+Backward is twice the forward, so a training step is 3x: the "model FLOPs" of MFU, which leave
+out activation-checkpointing recompute (that is the hardware's extra work, not the model's).
+Norms, RoPE, gating and the softmax are not matmuls and are not counted (as in MFU everywhere).
+"""
 
-from model import AVTransformer
+from model import ModelArgs, SequenceLayout
 
-H100_BF16_DENSE_FLOPS = 989e12
-
-
-def active_params_per_token(model: AVTransformer) -> int:
-    total = 0
-    for block in model.blocks:
-        weights = next(iter(block.weights.values()))
-        total += sum(p.numel() for p in weights.parameters())
-    return total
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, dense bf16 (../shared/bench/, DESIGN.md)
 
 
-def train_flops_per_sample(active_params: int, n_layers: int, dim: int, n_tokens: int) -> float:
-    return 6.0 * active_params * n_tokens + 12.0 * n_layers * n_tokens**2 * dim
+def block_matmul_params(args: ModelArgs) -> int:
+    """Weights one token multiplies with in one block (one weight set)."""
+    d, kv = args.dim, args.n_kv_heads * args.head_dim
+    params = d * (d + 2 * kv) + d * d + 3 * d * args.mlp_hidden
+    if args.gate == "dynamic":
+        params += d * args.n_heads
+    return params
+
+
+def _patch_dims(args: ModelArgs) -> dict[str, int]:
+    pt, ph, pw = args.video_patch
+    dims = {"video": args.video_channels * pt * ph * pw, "image": args.video_channels * ph * pw,
+            "audio": args.audio_channels * args.audio_patch}
+    dims["text"] = 0 if args.text_input == "bytes" else args.text_feature_dim  # a byte lookup costs no matmul
+    return dims
+
+
+def forward_flops(layout: SequenceLayout, batch: int = 1) -> float:
+    """FLOPs of one forward of the model over `batch` samples of `layout`."""
+    a = layout.args
+    d, n = a.dim, layout.n_tokens
+    patch = _patch_dims(a)
+    per_sample = 2 * n * a.n_layers * block_matmul_params(a) + 4 * a.n_layers * n * n * d
+    per_sample += 2 * (a.time_freq_dim * d + d * d + 6 * d * d) * len(layout.segments)
+    for seg, length in zip(layout.segments, layout.lengths):
+        per_sample += 2 * length * patch[seg.modality] * d
+        if seg.role == "generate":
+            per_sample += 2 * length * d * patch[seg.modality] + 2 * d * 2 * d
+    return float(batch * per_sample)
+
+
+def train_flops(layout: SequenceLayout, batch: int = 1) -> float:
+    """Forward + backward (2x forward) of a training step."""
+    return 3.0 * forward_flops(layout, batch)

@@ -27,7 +27,8 @@ def sample_timesteps(
 ) -> torch.Tensor:
     """Logit-normal timesteps (SD3), then shifted. Returns (batch,) in (0, 1)."""
     u = torch.randn(batch, generator=generator) * logit_std + logit_mean
-    return time_shift(torch.sigmoid(u), shift).to(device)
+    # non_blocking: drawn on the host (reproducible everywhere); a blocking copy would sync the stream
+    return time_shift(torch.sigmoid(u), shift).to(device, non_blocking=True)
 
 
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,6 @@ draws exactly what the uninterrupted run would have drawn.
 """
 
 import math
-import time
 
 import lightning as L
 import torch
@@ -18,7 +17,6 @@ from train.checkpoint import export_weights
 from train.codec import PatchCodec
 from train.config import FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
-from train.flops import H100_BF16_DENSE_FLOPS, active_params_per_token, train_flops_per_sample
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps
@@ -43,14 +41,11 @@ class PretrainModule(L.LightningModule):
         self.flow, self.optim, self.run = flow, optim, run
         self.meta = meta  # model/codec/data description stored in checkpoints and exports
         self.ema = EMA(model, run.ema_decay) if run.ema_decay > 0 else None
-        self._active_params = active_params_per_token(model)  # counted once, for MFU
-        self._step_start = None
-        self._last_tokens = 0
+        self.samples_in_step = self.tokens_in_step = 0  # read by train/throughput.py
 
     # ---- setup --------------------------------------------------------------------------------
     def configure_model(self):
-        if self.run.activation_checkpointing:
-            apply_activation_checkpointing(self.model)
+        apply_activation_checkpointing(self.model, self.run.activation_checkpointing)
         if self.run.compile:
             apply_compile(self.model)
 
@@ -82,7 +77,8 @@ class PretrainModule(L.LightningModule):
 
         B = video.shape[0]
         shift = shift_for_tokens(seq.layout.n_tokens, *self.flow.shift_args)
-        t = sample_timesteps(B, shift, self.flow.logit_mean, self.flow.logit_std, g_cpu, self.device)
+        t_host = sample_timesteps(B, shift, self.flow.logit_mean, self.flow.logit_std, g_cpu)
+        t = t_host.to(self.device, non_blocking=True)
         inputs, targets = list(seq.inputs), {}
         for i in seq.targets:
             eps = torch.randn(inputs[i].shape, generator=g_dev, device=self.device, dtype=inputs[i].dtype)
@@ -103,23 +99,24 @@ class PretrainModule(L.LightningModule):
                 losses[modality] = per_sample[modality].mean()
         loss = weighted_loss(losses, {"video": self.flow.video_weight, "audio": self.flow.audio_weight})
 
-        self._last_tokens = B * seq.layout.n_tokens
-        self._last_batch = B
-        a = self.model.args
-        self._last_flops = B * train_flops_per_sample(self._active_params, a.n_layers, a.dim, seq.layout.n_tokens)
+        self.samples_in_step, self.tokens_in_step = B, B * seq.layout.n_tokens
         self.log("train/loss", loss, prog_bar=True)
         for m, v in losses.items():
             self.log(f"train/loss_{m}", v)
         self.log("train/shift", shift)
-        self._log_timestep_buckets(t, per_sample)
+        self._log_timestep_buckets(t_host, per_sample)
         return loss
 
-    def _log_timestep_buckets(self, t, per_sample):
+    def _log_timestep_buckets(self, t_host, per_sample):
+        """Loss per timestep range. Which samples fall in a range is read from the host copy of
+        t, and the mean is a masked sum: no device-to-host sync in the step."""
         per_sample = sum(per_sample.values()).detach()
         for lo, hi in zip(T_BUCKETS[:-1], T_BUCKETS[1:]):
-            inside = (t >= lo) & (t < hi) if hi < 1 else (t >= lo)
-            if bool(inside.any()):
-                self.log(f"train/loss_t{lo:.2f}-{hi:.2f}", per_sample[inside].mean())
+            inside = (t_host >= lo) & (t_host < hi) if hi < 1 else (t_host >= lo)
+            count = int(inside.sum())
+            if count:
+                weights = inside.to(per_sample.device, per_sample.dtype, non_blocking=True)
+                self.log(f"train/loss_t{lo:.2f}-{hi:.2f}", (per_sample * weights).sum() / count)
 
     # ---- around the step ----------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer):
@@ -140,23 +137,12 @@ class PretrainModule(L.LightningModule):
         if gradient_clip_val:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
 
-    def on_train_batch_start(self, batch, batch_idx):
-        self._step_start = time.perf_counter()
-
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         grad_norm = engine.get_global_grad_norm() if engine is not None else None
         if grad_norm is not None:  # DeepSpeed keeps gradients in its own buffers (p.grad is None above)
-            self.log("train/grad_norm", float(grad_norm))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - self._step_start
-        world = self.trainer.world_size
-        self.log("perf/samples_per_s", self._last_batch * world / seconds)
-        self.log("perf/tokens_per_s", self._last_tokens * world / seconds)
-        if self.device.type == "cuda":
-            self.log("perf/mfu", self._last_flops / seconds / H100_BF16_DENSE_FLOPS)
+            self.log("train/grad_norm", grad_norm)
         skips = getattr(self.trainer.datamodule, "skip_counts", None) if self.trainer.datamodule else None
         for reason, count in (skips() if skips else {}).items():
             self.log(f"data/skipped_{reason}", float(count))

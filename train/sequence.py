@@ -41,7 +41,9 @@ def build_sequence(
             "pipeline does not provide yet; use text_input='bytes'"
         )
     ids, text_mask = encode_bytes(captions, text_len)
-    ids, text_mask = ids.to(video.device), text_mask.to(video.device)
+    padded = not bool(text_mask.all())  # asked on the host copy: on the GPU it would be a sync
+    # non_blocking: a blocking host-to-device copy synchronises the stream (the step stalls)
+    ids, text_mask = ids.to(video.device, non_blocking=True), text_mask.to(video.device, non_blocking=True)
     segments = [Segment("text", "condition", (text_len,))]
     inputs = [ids]
     if task == "i2v":
@@ -59,7 +61,7 @@ def build_sequence(
         inputs.append(audio)
     layout = SequenceLayout(segments, args)
     key_mask = None
-    if not bool(text_mask.all()):
+    if padded:
         rest = torch.ones(video.shape[0], layout.n_tokens - text_len, dtype=torch.bool, device=video.device)
         key_mask = torch.cat([text_mask, rest], dim=1)
     targets = {i: s.modality for i, s in enumerate(layout.segments) if s.role == "generate"}
@@ -67,10 +69,10 @@ def build_sequence(
 
 
 def segment_timesteps(seq: AVSequence, t: torch.Tensor) -> torch.Tensor:
-    """Per-sample flow time t (B,) -> per-token timesteps (B, N): t on generate segments, 0 on conditions."""
-    generate = torch.tensor([s.role == "generate" for s in seq.layout.segments], device=t.device)
-    per_segment = torch.where(generate[None, :], t[:, None], torch.zeros((), device=t.device))
-    return seq.layout.expand(per_segment)
+    """Per-sample flow time t (B,) -> the model's per-segment timesteps (B, n_segments): t on
+    generate segments, 0 on conditions. Built on t's device (no host-to-device copy)."""
+    zero = torch.zeros_like(t)
+    return torch.stack([t if s.role == "generate" else zero for s in seq.layout.segments], dim=1)
 
 
 def sequence_length(args: ModelArgs, text_len: int, video_shape: tuple, audio_shape: tuple | None) -> int:

@@ -151,7 +151,7 @@ def check_cluster(cfg: DictConfig, model_cfg: DictConfig, codec, loader_cfg, tex
     check_memory(
         cluster, count_parameters(probe), probe.args.n_layers, probe.args.dim, tokens * loader_cfg.batch_size,
         strategy.stage if strategy.name == "zero" else 0, trainer_cfg, resolve_precision(trainer_cfg.get("precision", "auto")),
-        run.ema_decay > 0, run.activation_checkpointing,
+        run.ema_decay > 0, run.activation_checkpointing == "full",  # selective keeps ~all: counted as none
     )
 
 
@@ -165,14 +165,18 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     from train.callbacks import ExportCallback, RNGStateCallback, SampleCallback
     from train.cluster import world_size
     from train.datamodule import AVDataModule
+    from train.parallelize import attention_backends
     from train.preemption import PreemptionCallback
     from train.strategy import StrategyConfig, build_strategy
+    from train.throughput import ThroughputCallback
     from train.wandb_run import build_loggers
 
     run_dir = Path(run.run_dir)
     ckpt_path = resolve_resume(run.resume, run_dir)
     loggers = build_loggers(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), resuming=ckpt_path is not None)
     callbacks = [
+        # First: a logging step's clock stops before the samples/checkpoints below run.
+        ThroughputCallback(run.peak_flops),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps, save_last=True, save_top_k=-1),
         SampleCallback(sample, run_dir / "samples"),
         RNGStateCallback(),
@@ -196,7 +200,8 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         )
     except TypeError as e:
         raise ConfigError(f"trainer: {e}; see lightning.Trainer's arguments") from None
-    trainer.fit(module, datamodule=AVDataModule(loader_cfg), ckpt_path=ckpt_path)
+    with attention_backends(run.attention_backends):
+        trainer.fit(module, datamodule=AVDataModule(loader_cfg), ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         report(run_dir, loggers[0])
 
@@ -220,6 +225,7 @@ def run_sample(cfg: DictConfig) -> None:
 
     from train.checkpoint import load_generator
     from train.media import write_av_mp4
+    from train.parallelize import attention_backends
     from train.sampling import ClipSpec, Guidance, generate
 
     if cfg.ckpt in (None, "", "???"):
@@ -244,10 +250,11 @@ def run_sample(cfg: DictConfig) -> None:
     data = meta["data"]
     spec = ClipSpec.from_seconds(float(cfg.seconds), data["fps"], int(cfg.height), int(cfg.width), data["sample_rate"])
     start = time.perf_counter()
-    video, audio = generate(
-        model, codec, [str(cfg.prompt)], [int(cfg.seed)], spec, int(steps), guidance, meta["text_len"],
-        flow_shift_args=meta["shift_args"], student=student,
-    )
+    with attention_backends():
+        video, audio = generate(
+            model, codec, [str(cfg.prompt)], [int(cfg.seed)], spec, int(steps), guidance, meta["text_len"],
+            flow_shift_args=meta["shift_args"], student=student,
+        )
     seconds = time.perf_counter() - start
     out = write_av_mp4(cfg.out, video[0], spec.fps, audio[0] if audio is not None else None, spec.sample_rate)
     nfe = int(steps) * (2 if guidance.active else 1)

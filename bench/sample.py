@@ -1,0 +1,160 @@
+"""Sampling latency of the hh15b model: one forward (one student step) at 720p and 1080p for 5 s
+and 15 s clips, the 8-step student and the 50-step teacher with CFG (cond + uncond batched, B=2).
+
+    python bench/sample.py                       # GPU: hh15b, layers timed at two depths
+    python bench/sample.py --full                # time the whole 40-layer model (needs ~30 GB + activations)
+    python bench/sample.py --preset tiny --clips 64x64x1 --repeats 1     # CPU (what the tests run)
+
+Token counts assume hh15b's latents: a Wan2.2-style video VAE (16x spatial, 4x temporal, 48 ch,
+24 fps in), 1x2x2 patches, Stable Audio latents at 21.5 Hz, 256 text-feature tokens; e.g. 5 s
+1080p = 31 x 34 x 60 + 108 + 256 = 63,604 tokens. Latent shapes come from that arithmetic, not
+from a VAE (none is loaded). Without --full the model is built twice with 1 modality block in, k
+shared blocks and 1 out (k = --depths), and a forward of the whole model is extrapolated:
+fixed (embeddings, heads, timestep MLP) + 40 x per-layer time, with per-layer = (t(k2) - t(k1)) /
+(k2 - k1). Modality and shared blocks do the same work per token (a token meets one weight set),
+so one per-layer time serves both. VAE decoding is not included. Forwards run in bf16 under
+torch.inference_mode with the attention order of training (cuDNN first), compiled per block with
+--compile. Writes bench/results/sample_<device>_<date>.{json,md}.
+"""
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from bench.environment import describe, slug, write  # noqa: E402
+from model import AVTransformer, ModelArgs, Segment, SequenceLayout  # noqa: E402
+from train.flops import forward_flops  # noqa: E402
+from train.parallelize import apply_compile, attention_backends  # noqa: E402
+
+VAE_SPATIAL, VAE_TEMPORAL, VIDEO_FPS, AUDIO_LATENT_HZ, TEXT_TOKENS = 16, 4, 24, 21.5, 256
+CLIPS = ["1280x720x5", "1920x1080x5", "1280x720x15", "1920x1080x15"]
+STUDENT_STEPS, TEACHER_STEPS = 8, 50
+
+
+def segments(args: ModelArgs, width: int, height: int, seconds: float) -> list[Segment]:
+    """The t2v layout of one clip: text condition, generated video latents and audio latents."""
+    _, ph, pw = args.video_patch
+    lat_t = 1 + round(seconds * VIDEO_FPS) // VAE_TEMPORAL
+    lat_h = ph * math.ceil(math.ceil(height / VAE_SPATIAL) / ph)
+    lat_w = pw * math.ceil(math.ceil(width / VAE_SPATIAL) / pw)
+    audio = args.audio_patch * math.ceil(seconds * AUDIO_LATENT_HZ / args.audio_patch)
+    text = (TEXT_TOKENS,) if args.text_input == "bytes" else (TEXT_TOKENS, args.text_feature_dim)
+    return [Segment("text", "condition", text), Segment("video", "generate", (args.video_channels, lat_t, lat_h, lat_w)),
+            Segment("audio", "generate", (args.audio_channels, audio))]
+
+
+def time_forward(model: AVTransformer, segs, batch: int, repeats: int, device) -> float:
+    """Median seconds of one forward (after one untimed warm-up forward)."""
+    layout = model.layout(segs)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    inputs = []
+    for seg in layout.segments:
+        if seg.modality == "text" and model.args.text_input == "bytes":
+            inputs.append(torch.randint(0, 256, (batch, *seg.shape), generator=g).to(device))
+        else:
+            inputs.append(torch.randn(batch, *seg.shape, generator=g).to(device, torch.bfloat16))
+    t = torch.tensor([[0.0] + [0.7] * (len(segs) - 1)] * batch, device=device)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(inputs, layout, t)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def build(preset: dict, device, compile_blocks: bool, **depth) -> AVTransformer:
+    args = ModelArgs(**{**preset, **depth})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: 30 GB, not 60 GB of fp32 first
+    try:
+        with torch.device(device):
+            model = AVTransformer(args).eval()
+    finally:
+        torch.set_default_dtype(default)
+    if compile_blocks:
+        apply_compile(model)
+    return model
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="hh15b", help="conf/model/<preset>.yaml")
+    p.add_argument("--clips", nargs="+", default=CLIPS, help="WIDTHxHEIGHTxSECONDS")
+    p.add_argument("--full", action="store_true", help="time the whole model instead of extrapolating from two depths")
+    p.add_argument("--depths", type=int, nargs=2, default=[1, 3], help="shared blocks of the two timed models")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{args.preset}.yaml"))
+    cfg.pop("_target_")
+    if cfg.get("video_channels") is None or cfg.get("audio_channels") is None:
+        cfg.update(video_channels=cfg.get("video_channels") or 48, audio_channels=cfg.get("audio_channels") or 64,
+                   audio_latents_per_video_frame=AUDIO_LATENT_HZ / (VIDEO_FPS / VAE_TEMPORAL))
+    full_args = ModelArgs(**cfg)
+    n_layers = full_args.n_layers
+
+    if args.full:
+        models = {n_layers: build(cfg, device, args.compile)}
+    else:
+        models = {k + 2: build(cfg, device, args.compile, n_modality_in=1, n_shared=k, n_modality_out=1) for k in args.depths}
+    rows = []
+    with attention_backends():
+        for clip in args.clips:
+            width, height, seconds = (float(x) for x in clip.split("x"))
+            segs = segments(full_args, int(width), int(height), seconds)
+            layout = SequenceLayout(segs, full_args)
+            row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens}
+            for batch, name in ((1, "student_forward_s"), (2, "teacher_cfg_forward_s")):
+                measured = {depth: time_forward(m, segs, batch, args.repeats, device) for depth, m in models.items()}
+                if args.full:
+                    row[name] = measured[n_layers]
+                else:
+                    (d1, t1), (d2, t2) = sorted(measured.items())
+                    per_layer = (t2 - t1) / (d2 - d1)
+                    row[name] = t1 + (n_layers - d1) * per_layer
+                    row[name.replace("_s", "_per_layer_s")] = round(per_layer, 5)
+                row[name] = round(row[name], 4)
+            row["student_8_steps_s"] = round(STUDENT_STEPS * row["student_forward_s"], 3)
+            row["teacher_50_steps_cfg_s"] = round(TEACHER_STEPS * row["teacher_cfg_forward_s"], 3)
+            row["forward_tflops"] = round(forward_flops(layout) / 1e12, 2)
+            row["forward_tflops_per_s"] = round(forward_flops(layout) / row["student_forward_s"] / 1e12, 2)
+            rows.append(row)
+            print(row, file=sys.stderr)
+    result = {"benchmark": "sample", **describe(device, ["bench/sample.py", *(sys.argv[1:] if argv is None else argv)]),
+              "preset": args.preset, "layers": n_layers, "extrapolated_from_depths": None if args.full else sorted(models),
+              "compile": args.compile, "latents": {"vae_spatial": VAE_SPATIAL, "vae_temporal": VAE_TEMPORAL, "video_fps": VIDEO_FPS,
+                                                   "audio_latent_hz": AUDIO_LATENT_HZ, "text_tokens": TEXT_TOKENS},
+              "results": rows}
+    how = "whole model" if args.full else f"extrapolated from {sorted(models)} layers"
+    lines = [f"{args.preset}, {n_layers} layers ({how}), bf16, compile={args.compile}", "",
+             "| clip | tokens | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['clip']} | {r['tokens']} | {r['student_forward_s']} | {r['forward_tflops_per_s']} | "
+                     f"{r['student_8_steps_s']} | {r['teacher_50_steps_cfg_s']} |")
+    write(result, args.out, f"sample_{slug(device)}_{result['date']}{args.tag}", "\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    main()

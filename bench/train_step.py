@@ -1,0 +1,194 @@
+"""Training-step speed of the project's real pretraining step: `PretrainModule.training_step`
+(codec, sequence, forward, loss), Lightning's backward, gradient clipping, fused AdamW and the EMA
+update, run by a `lightning.Trainer` exactly as `python -m train pretrain` runs it. Only the data
+loader is replaced by one fixed, pinned batch (bench/data_throughput.py measures decoding).
+
+    # H100: the proxy (hh15b width and heads, 1 + 6 + 1 layers, text/video/audio), 16K and 32K tokens
+    python bench/train_step.py --preset proxy --tokens 16384 32768 --compile --ac none
+    # CPU, the tiny model (what the tests run)
+    python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 1
+
+Reports per case: step time (median of the timed steps; the device is synchronised around each
+step by the timer only), tokens/s, model TFLOP/s (train/flops.py: 3 x forward matmuls and
+attention, no recompute) and MFU against 989 TFLOP/s, peak memory; writes
+bench/results/train_step_<device>_<date>.{json,md}.
+"""
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+
+from bench.environment import describe, slug, write  # noqa: E402
+from model import ModelArgs, count_parameters  # noqa: E402
+from model.transformer import AVTransformer  # noqa: E402
+from train.codec import PatchCodec  # noqa: E402
+from train.config import FlowConfig, OptimConfig, RunConfig  # noqa: E402
+from train.flops import H100_BF16_DENSE_FLOPS  # noqa: E402
+from train.parallelize import attention_backends  # noqa: E402
+from train.pretrain import PretrainModule  # noqa: E402
+from train.sequence import tokens_per_sample  # noqa: E402
+from train.throughput import ModelFlops  # noqa: E402
+
+REFERENCE_BLOCK_TFLOPS = 595.1  # ../shared/bench: one compiled d=5120 block, 16K tokens, H100
+FPS, SAMPLE_RATE, TEXT_LEN = 25, 16000, 64  # 16 frames = 0.64 s = 10240 samples = 160 audio latents
+
+PRESETS = {
+    # hh15b's width, heads, MLP and gate; modality layers for text/video/audio as in t2v training.
+    "proxy": dict(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=1, n_shared=6, n_modality_out=1,
+                  modalities=("text", "video", "audio")),
+    "tiny": dict(dim=32, n_heads=4, n_kv_heads=2, mlp_hidden=64, n_modality_in=1, n_shared=1, n_modality_out=1,
+                 modalities=("text", "video", "audio")),
+}
+# Codec: space-to-depth 4x gives 48 video channels (as Wan2.2's VAE), a hop of 64 gives 64 audio
+# channels (as Stable Audio's), so embeddings and heads have hh15b's shapes.
+CODEC = dict(video_spatial=4, video_temporal=1, audio_hop=64, image_channels=3, audio_channels=1)
+
+
+def clip_for_tokens(target: int, codec: PatchCodec, args: ModelArgs, frames: int) -> tuple[int, int, int]:
+    """(frames, height, width) of a 16:9-ish clip whose sequence is close to `target` tokens."""
+    best = None
+    for h in range(16, 4096, 16):
+        w = 16 * round(h * 16 / 9 / 16)
+        n = tokens_per_sample(args, codec, frames / FPS, FPS, SAMPLE_RATE, h, w, TEXT_LEN)
+        if best is None or abs(n - target) < abs(best[0] - target):
+            best = (n, h, w)
+        if n > target:
+            break
+    return frames, best[1], best[2]
+
+
+class StepTimer(L.Callback):
+    """Wall time of each training step (data transfer to optimizer step and EMA), the device
+    synchronised on both sides; FLOPs counted by the same hook as training's perf/mfu."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.times, self.flops = warmup, [], []
+
+    def setup(self, trainer, module, stage):
+        self.counter = ModelFlops(module)
+
+    def _sync(self, module):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.warmup and module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self._sync(module)
+        self.counter.total, self.counter.counting = 0.0, True
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._sync(module)
+        self.counter.counting = False
+        if batch_idx >= self.warmup:
+            self.times.append(time.perf_counter() - self.start)
+            self.flops.append(self.counter.total)
+
+
+def run_case(args, tokens_target: int, device: torch.device) -> dict:
+    codec = PatchCodec(**CODEC)
+    margs = ModelArgs(**PRESETS[args.preset], video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
+                      video_patch=(1, 2, 2), audio_patch=1, text_input="bytes",
+                      audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SAMPLE_RATE))
+    frames, h, w = clip_for_tokens(tokens_target, codec, margs, args.frames)
+    tokens = tokens_per_sample(margs, codec, frames / FPS, FPS, SAMPLE_RATE, h, w, TEXT_LEN)
+    samples = round(frames / FPS * SAMPLE_RATE)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "video": torch.rand(args.batch, 3, frames, h, w, generator=g) * 2 - 1,
+        "audio": (torch.rand(args.batch, 1, samples, generator=g) * 2 - 1) * 0.3,
+        "audio_mask": torch.ones(args.batch, samples, dtype=torch.bool),
+        "caption": ["a red circle bounces off the floor with a click"] * args.batch,
+    }
+    if device.type == "cuda":
+        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+    n_steps = args.warmup + args.steps
+    loader = torch.utils.data.DataLoader([batch] * n_steps, batch_size=None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunConfig(run_dir=tmp, activation_checkpointing=args.ac, compile=args.compile, attention_backends=args.attention)
+        with torch.device(device):  # build on the device: a 3B-parameter model initialises in seconds there
+            model = AVTransformer(margs)
+        flow = FlowConfig(text_len=TEXT_LEN, caption_dropout=0.0)
+        meta = {"data": {"fps": FPS, "sample_rate": SAMPLE_RATE}, "text_len": TEXT_LEN, "shift_args": flow.shift_args}
+        module = PretrainModule(model, codec, flow, OptimConfig(warmup_steps=1), run, meta)
+        timer = StepTimer(args.warmup)
+        trainer = L.Trainer(
+            accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
+            max_steps=n_steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[timer], default_root_dir=tmp,
+        )
+        with attention_backends(run.attention_backends):
+            trainer.fit(module, train_dataloaders=loader)
+
+    step_s = statistics.median(timer.times)
+    flops = statistics.median(timer.flops)
+    row = {
+        "preset": args.preset, "params": count_parameters(model), "layers": margs.n_layers, "dim": margs.dim,
+        "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
+        "activation_checkpointing": args.ac, "compile": args.compile, "attention": args.attention,
+        "steps_timed": len(timer.times), "step_s": round(step_s, 4), "step_s_min": round(min(timer.times), 4),
+        "tokens_per_s": round(args.batch * tokens / step_s, 1), "model_tflops_per_step": round(flops / 1e12, 3),
+        "model_tflops_per_s": float(f"{flops / step_s / 1e12:.4g}"),
+        # against the H100's dense bf16 peak and the reference block: meaningless on a CPU
+        "mfu": round(flops / step_s / H100_BF16_DENSE_FLOPS, 4) if device.type == "cuda" else None,
+        "of_reference_block": round(flops / step_s / 1e12 / REFERENCE_BLOCK_TFLOPS, 4) if device.type == "cuda" else None,
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+    }
+    del module, model, trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| preset | layers | tokens | AC | compile | step s | tokens/s | model TFLOP/s | MFU (989) | of ref. block | peak GB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['layers']} | {r['batch']} x {r['tokens_per_sample']} | {r['activation_checkpointing']} | "
+                     f"{r['compile']} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.3g} | "
+                     f"{pct(r['mfu'])} | {pct(r['of_reference_block'])} | {r['peak_memory_gb'] or '-'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=PRESETS, default="proxy")
+    p.add_argument("--tokens", type=int, nargs="+", default=[16384, 32768], help="target tokens per sample (the clip is sized to it)")
+    p.add_argument("--frames", type=int, default=16, help="video frames per clip (the frame size follows from --tokens)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--ac", choices=("none", "full", "selective"), default="none")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", nargs="+", default=["cudnn", "flash", "efficient", "math"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    p.add_argument("--tag", default="", help="suffix of the result file name")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows = [run_case(args, n, device) for n in args.tokens]
+    result = {"benchmark": "train_step", **describe(device, ["bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
+              "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": REFERENCE_BLOCK_TFLOPS, "results": rows}
+    stem = f"train_step_{slug(device)}_{result['date']}{args.tag}"
+    write(result, args.out, stem, table(rows))
+    return result
+
+
+if __name__ == "__main__":
+    main()

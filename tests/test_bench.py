@@ -1,0 +1,64 @@
+"""The performance benchmarks (bench/train_step.py, bench/sample.py) run on the tiny model on CPU
+and write their results. No timing is asserted: only that the numbers are there and consistent."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import sample, train_step  # noqa: E402
+from model import ModelArgs, SequenceLayout  # noqa: E402
+from train.flops import train_flops  # noqa: E402
+
+
+def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
+    result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "1",
+                              "--ac", "selective", "--device", "cpu", "--out", str(tmp_path)])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"train_step_cpu_{result['date']}.json", f"train_step_cpu_{result['date']}.md"]
+    saved = json.loads((tmp_path / files[0]).read_text())
+    assert saved["command"].startswith("python bench/train_step.py --preset tiny") and saved["versions"]["torch"]
+    rows = saved["results"]
+    assert [r["steps_timed"] for r in rows] == [2, 2]
+    assert rows[0]["tokens_per_sample"] < rows[1]["tokens_per_sample"]
+    for r in rows:
+        assert r["step_s"] > 0 and r["mfu"] is None  # no H100 peak to divide by on CPU
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_sample"] / r["step_s"], rel=1e-3)
+    # the FLOPs the hook counted during the step are the layout's training FLOPs (t2v with audio)
+    codec = train_step.PatchCodec(**train_step.CODEC)
+    args = ModelArgs(**train_step.PRESETS["tiny"], video_channels=48, audio_channels=64, video_patch=(1, 2, 2), audio_patch=1,
+                     text_input="bytes", audio_latents_per_video_frame=codec.audio_latents_per_video_frame(train_step.FPS, train_step.SAMPLE_RATE))
+    frames, w, h = (int(x) for x in rows[0]["clip"].replace(" frames ", "x").split("x"))
+    video = codec.video_latent_shape(frames, h, w)
+    audio = codec.audio_latent_shape(round(frames / train_step.FPS * train_step.SAMPLE_RATE))
+    layout = SequenceLayout([("text", "condition", (train_step.TEXT_LEN,)), ("video", "generate", video), ("audio", "generate", audio)], args)
+    assert layout.n_tokens == rows[0]["tokens_per_sample"]
+    assert rows[0]["model_tflops_per_step"] == round(train_flops(layout) / 1e12, 3)
+
+
+def test_sample_bench_extrapolates_layers_on_cpu(tmp_path):
+    result = sample.main(["--preset", "tiny", "--clips", "64x64x1", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert (tmp_path / f"sample_cpu_{result['date']}.md").is_file()
+    (row,) = json.loads((tmp_path / f"sample_cpu_{result['date']}.json").read_text())["results"]
+    assert result["extrapolated_from_depths"] == [3, 5]
+    assert row["student_8_steps_s"] == pytest.approx(8 * row["student_forward_s"], abs=1e-3)
+    assert row["teacher_50_steps_cfg_s"] == pytest.approx(50 * row["teacher_cfg_forward_s"], abs=1e-3)
+    # text 256 bytes + video 1+6 latent frames of 2x2 tokens + audio 22 latents
+    assert row["tokens"] == 256 + 7 * 2 * 2 + 22
+
+
+def test_sample_bench_token_counts_of_hh15b():
+    """The 5 s 1080p clip of the reference benchmark is 63,240 video tokens (../shared/bench)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "hh15b.yaml"))
+    cfg.pop("_target_")
+    args = ModelArgs(**cfg)
+    segs = sample.segments(args, 1920, 1080, 5)
+    assert segs[1].shape == (48, 31, 68, 120)
+    layout = SequenceLayout(segs, args)
+    assert layout.lengths == (256, 63240, 108)

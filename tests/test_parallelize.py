@@ -1,0 +1,83 @@
+"""Training techniques applied from outside the model (train/parallelize.py): activation
+checkpointing modes give the same gradients and recompute what they promise, blocks compile
+without graph breaks, and the attention kernel order is honoured."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from model import AVTransformer
+from model.block import BlockContext
+from model.transformer import rope_tables
+from test_model import AUDIO, TEXT, VIDEO, make_inputs, randomized, tiny_args
+from train.parallelize import apply_activation_checkpointing, attention_backends
+
+
+def _model(mode: str) -> AVTransformer:
+    torch.manual_seed(0)
+    model = randomized(AVTransformer(tiny_args()), std=0.1)
+    apply_activation_checkpointing(model, mode)
+    return model
+
+
+def _loss(model, inputs, layout, t):
+    return sum(o.square().mean() for o in model(inputs, layout, t) if o is not None)
+
+
+def _backward_flops(model, inputs, layout, t) -> int:
+    loss = _loss(model, inputs, layout, t)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss.backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_checkpointing_gives_the_same_gradients(mode):
+    plain, ckpt = _model("none"), _model(mode)
+    inputs, layout, t = make_inputs(plain, [TEXT, VIDEO, AUDIO])
+    _loss(plain, inputs, layout, t).backward()
+    _loss(ckpt, inputs, layout, t).backward()
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in ckpt.named_parameters()}
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_selective_checkpointing_recomputes_no_matmul():
+    """Full checkpointing re-runs each block's matmuls in the backward pass; selective keeps their
+    outputs, so its backward does exactly the FLOPs of no checkpointing at all."""
+    inputs, layout, t = make_inputs(_model("none"), [TEXT, VIDEO, AUDIO])
+    with attention_backends(("math",)):  # attention as bmm, which the FLOP counter sees on CPU
+        flops = {mode: _backward_flops(_model(mode), inputs, layout, t) for mode in ("none", "full", "selective")}
+    assert flops["selective"] == flops["none"]
+    assert flops["full"] > 1.3 * flops["none"]  # + one forward of the blocks (half the backward)
+
+
+@pytest.mark.parametrize("mode", ["none", "full", "selective"])
+def test_blocks_compile_without_graph_breaks(mode):
+    model = _model(mode)
+    inputs, layout, t = make_inputs(model, [TEXT, VIDEO, AUDIO])
+    x = model._embed(inputs, layout)
+    _, t_mod = model.time(t.reshape(-1))
+    cos, sin = rope_tables(layout, x.device)
+    mask = torch.ones(x.shape[0], 1, 1, layout.n_tokens, dtype=torch.bool)
+    ctx = BlockContext(layout.runs(False), layout.runs(True), t_mod.unflatten(0, t.shape), cos, sin, mask)
+    for i in (0, model.args.n_modality_in):  # a ModalityBlock and a SharedBlock
+        explained = torch._dynamo.explain(model.blocks[i])(x, ctx)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+
+
+def test_attention_backend_order():
+    model = _model("none")
+    inputs, layout, t = make_inputs(model, [TEXT, VIDEO, AUDIO])
+    with torch.no_grad():
+        reference = model(inputs, layout, t)[1]
+        # On CPU cuDNN cannot run: the next backend in the list takes over.
+        with attention_backends(("cudnn", "math")):
+            torch.testing.assert_close(model(inputs, layout, t)[1], reference, rtol=1e-4, atol=1e-5)
+        with attention_backends(("cudnn",)):
+            with pytest.raises(RuntimeError, match="No viable backend"):
+                model(inputs, layout, t)
+    with pytest.raises(ValueError, match=r"attention_backends=\['fa9'\]: choose from cudnn, flash"):
+        attention_backends(("fa9",))
