@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.args import ModelArgs
+from model.init import Linear
 from model.layout import Run
 from model.rope import apply_rope
 
@@ -53,14 +54,13 @@ class HeadGate(nn.Module):
         self.dynamic = args.gate == "dynamic"
         self.init_logit = args.gate_init_logit
         if self.dynamic:
-            self.proj = nn.Linear(args.dim, args.n_heads)
+            self.proj = Linear(args.dim, args.n_heads, weight="zeros", bias_value=self.init_logit)
         else:
-            self.logit = nn.Parameter(torch.empty(args.n_heads))
+            self.logit = nn.Parameter(torch.full((args.n_heads,), float(self.init_logit)))
 
     def reset_parameters(self):
         if self.dynamic:
-            nn.init.zeros_(self.proj.weight)
-            nn.init.constant_(self.proj.bias, self.init_logit)
+            self.proj.reset_parameters()
         else:
             nn.init.constant_(self.logit, self.init_logit)
 
@@ -77,24 +77,22 @@ class BlockWeights(nn.Module):
         super().__init__()
         hd, kv = args.head_dim, args.n_kv_heads * args.head_dim
         self.attn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.qkv = nn.Linear(args.dim, args.dim + 2 * kv, bias=False)
+        self.qkv = Linear(args.dim, args.dim + 2 * kv, bias=False)
         self.q_norm = nn.RMSNorm(hd, eps=args.norm_eps)
         self.k_norm = nn.RMSNorm(hd, eps=args.norm_eps)
         self.gate = HeadGate(args)
-        self.out = nn.Linear(args.dim, args.dim, bias=False)
+        self.out = Linear(args.dim, args.dim, bias=False)
         self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.w_gate_up = nn.Linear(args.dim, 2 * args.mlp_hidden, bias=False)  # SwiGLU: gate and up fused
-        self.w_down = nn.Linear(args.mlp_hidden, args.dim, bias=False)
+        self.w_gate_up = Linear(args.dim, 2 * args.mlp_hidden, bias=False)  # SwiGLU: gate and up fused
+        self.w_down = Linear(args.mlp_hidden, args.dim, bias=False)
         # Offset added to the timestep modulation: rows shift1, scale1, gate1, shift2, scale2, gate2.
-        self.modulation = nn.Parameter(torch.empty(6, args.dim))
+        # Zero, with a zero timestep projection: residual gates 0, the block is the identity.
+        self.modulation = nn.Parameter(torch.zeros(6, args.dim))
 
     def reset_parameters(self):
-        for lin in (self.qkv, self.out, self.w_gate_up, self.w_down):
-            nn.init.xavier_uniform_(lin.weight)
-        for norm in (self.attn_norm, self.q_norm, self.k_norm, self.mlp_norm):
-            norm.reset_parameters()
-        self.gate.reset_parameters()
-        nn.init.zeros_(self.modulation)  # with a zero timestep projection: residual gates 0, block = identity
+        for layer in (self.qkv, self.out, self.w_gate_up, self.w_down, self.attn_norm, self.q_norm, self.k_norm, self.mlp_norm, self.gate):
+            layer.reset_parameters()
+        nn.init.zeros_(self.modulation)
 
     def mlp(self, h):
         gate, up = self.w_gate_up(h).chunk(2, dim=-1)

@@ -16,6 +16,7 @@ from torch import nn
 
 from model.args import ModelArgs
 from model.block import BlockContext, ModalityBlock, SharedBlock
+from model.init import Embedding, Linear
 from model.layout import SequenceLayout
 from model.patch import (
     patchify_audio,
@@ -44,15 +45,12 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.freq_dim = args.time_freq_dim
-        self.mlp = nn.Sequential(nn.Linear(args.time_freq_dim, args.dim), nn.SiLU(), nn.Linear(args.dim, args.dim))
-        self.to_modulation = nn.Linear(args.dim, 6 * args.dim)
+        self.mlp = nn.Sequential(Linear(args.time_freq_dim, args.dim, weight=0.02), nn.SiLU(), Linear(args.dim, args.dim, weight=0.02))
+        self.to_modulation = Linear(args.dim, 6 * args.dim, weight="zeros")  # adaLN-Zero: every residual gate starts at 0
 
     def reset_parameters(self):
-        for lin in (self.mlp[0], self.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
-        nn.init.zeros_(self.to_modulation.weight)  # adaLN-Zero: every residual gate starts at 0
-        nn.init.zeros_(self.to_modulation.bias)
+        for layer in (self.mlp[0], self.mlp[2], self.to_modulation):
+            layer.reset_parameters()
 
     def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t (U,) -> (embedding (U, dim), modulation (U, 6, dim))."""
@@ -67,13 +65,12 @@ class OutputHead(nn.Module):
     def __init__(self, args: ModelArgs, out_dim: int):
         super().__init__()
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps, elementwise_affine=False)
-        self.to_modulation = nn.Linear(args.dim, 2 * args.dim)
-        self.proj = nn.Linear(args.dim, out_dim)
+        self.to_modulation = Linear(args.dim, 2 * args.dim, weight="zeros")
+        self.proj = Linear(args.dim, out_dim, weight="zeros")
 
     def reset_parameters(self):
-        for lin in (self.to_modulation, self.proj):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+        for layer in (self.to_modulation, self.proj):
+            layer.reset_parameters()
 
     def forward(self, x: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
         """x (B, n, dim) of one segment, t_emb (B, dim) of that segment's timestep."""
@@ -91,12 +88,12 @@ class AVTransformer(nn.Module):
             "image": args.video_channels * ph * pw,
             "audio": args.audio_channels * args.audio_patch,
         }
-        embed = {m: nn.Linear(patch_dim[m], args.dim) for m in patch_dim if m in args.modalities}
+        embed = {m: Linear(patch_dim[m], args.dim) for m in patch_dim if m in args.modalities}
         if "text" in args.modalities:
             if args.text_input == "bytes":
-                embed["text"] = nn.Embedding(BYTE_VOCAB, args.dim)
+                embed["text"] = Embedding(BYTE_VOCAB, args.dim)
             else:
-                embed["text"] = nn.Linear(args.text_feature_dim, args.dim)
+                embed["text"] = Linear(args.text_feature_dim, args.dim)
         self.embed = nn.ModuleDict(embed)
         self.time = TimestepEmbedding(args)
         self.blocks = nn.ModuleList(
@@ -106,15 +103,12 @@ class AVTransformer(nn.Module):
         )
         # Text is only ever a condition, so it gets no output head.
         self.heads = nn.ModuleDict({m: OutputHead(args, patch_dim[m]) for m in patch_dim if m in args.modalities})
-        self.reset_parameters()
+        # Every layer initialised itself in its constructor (model/init.py): no pass over the
+        # whole model here, which a model built partitioned (DeepSpeed zero.Init) could not take.
 
     def reset_parameters(self):
-        for name, emb in self.embed.items():
-            if isinstance(emb, nn.Embedding):
-                nn.init.normal_(emb.weight, std=0.02)
-            else:
-                nn.init.xavier_uniform_(emb.weight)
-                nn.init.zeros_(emb.bias)
+        for emb in self.embed.values():
+            emb.reset_parameters()
         self.time.reset_parameters()
         for block in self.blocks:
             block.reset_parameters()

@@ -88,7 +88,7 @@ def test_quality_report_runs_on_tiny_exports(tmp_path):
     args = tiny_args(codec, 32)
     torch.manual_seed(0)
     model = AVTransformer(args)
-    meta = describe(model, codec, FPS, SR, 1, 32, (256, 1.0, 3.0))
+    meta = describe(model.args, codec, FPS, SR, 1, 32, (256, 1.0, 3.0))
     teacher = export_safetensors(tmp_path / "teacher.safetensors", model.state_dict(), meta, 10, "raw")
     student = export_safetensors(tmp_path / "student.safetensors", model.state_dict(), {**meta, "student": {"steps": 4, "timesteps": None}}, 5, "raw")
     out = tmp_path / "report.json"

@@ -26,7 +26,7 @@ def make_module(ema_decay=0.0, **distill):
         for p in teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
     student, critic = copy.deepcopy(teacher), copy.deepcopy(teacher)
-    meta = describe(teacher, codec, FPS, SR, 1, 16, (256, 1.0, 3.0))
+    meta = describe(teacher.args, codec, FPS, SR, 1, 16, (256, 1.0, 3.0))
     meta["student"] = {"steps": 4, "timesteps": None}
     cfg = DistillConfig(student_steps=4, **distill)
     optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", betas=(0.9, 0.999))
@@ -92,7 +92,7 @@ def test_teacher_is_frozen_and_not_checkpointed():
     assert same([p.detach() for p in module.teacher.parameters()], before)
     in_optimizers = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
     assert not in_optimizers & {id(p) for p in module.teacher.parameters()}
-    assert {id(p) for p in module.gan_head.parameters()} <= in_optimizers
+    assert {id(p) for p in module.critic.head.parameters()} <= in_optimizers
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])

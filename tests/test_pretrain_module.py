@@ -54,7 +54,7 @@ def make_module(lr=3e-3, ema_decay=0.9, **flow):
     torch.manual_seed(0)
     model = AVTransformer(args)
     flow_cfg = FlowConfig(caption_dropout=0.0, text_len=16, **flow)
-    meta = describe(model, codec, FPS, SR, 1, flow_cfg.text_len, flow_cfg.shift_args)
+    meta = describe(model.args, codec, FPS, SR, 1, flow_cfg.text_len, flow_cfg.shift_args)
     return PretrainModule(model, codec, flow_cfg, OptimConfig(lr=lr, warmup_steps=5, schedule="constant"), RunConfig(run_dir="unused", ema_decay=ema_decay), meta)
 
 

@@ -24,10 +24,10 @@ def clean_name(name: str) -> str:
     return name
 
 
-def describe(model: AVTransformer, codec: PatchCodec, fps: float, sample_rate: int, audio_channels: int, text_len: int, shift_args) -> dict:
+def describe(args: ModelArgs, codec: PatchCodec, fps: float, sample_rate: int, audio_channels: int, text_len: int, shift_args) -> dict:
     """What a checkpoint must carry to rebuild and sample the generator."""
     return {
-        "model": asdict(model.args),
+        "model": asdict(args),
         "codec": codec.config(),
         "data": {"fps": fps, "sample_rate": sample_rate, "audio_channels": audio_channels},
         "text_len": text_len,

@@ -142,6 +142,9 @@ class DistillConfig:
     gan_critic_weight: float = 1e-2
     gan_layer: int | None = None  # critic block whose output feeds the GAN head; None: the middle one
     grad_clip: float = 1.0  # per network; 0 disables
+    # Under ZeRO-3: the frozen teacher partitioned like the trained networks (true), or a whole
+    # copy in the compute dtype on every GPU (false: no gathers in its forwards, 2 bytes/param).
+    teacher_partitioned: bool = True
     max_nonfinite_in_a_row: int = 10  # stop after this many consecutive skipped (NaN/inf) updates
 
     def __post_init__(self):

@@ -20,7 +20,9 @@ Several processes run under DDP: each manual_backward prepares DDP's reducer for
 its loss reaches (the student's in the generator update, the critic's and the head's in the
 critic update; `find_unused_parameters`), so gradients are all-reduced before either optimizer
 steps, and stepping the student's optimizer outside Lightning is then the same on every rank.
-DeepSpeed ZeRO needs one engine per trainable network and is not supported yet (the stage says so).
+Under DeepSpeed ZeRO (train/strategy.py PerNetworkZeroStrategy) the student and the critic + GAN
+head each have their own engine: backward, clipping and step go through it, and the teacher is
+partitioned (ZeRO-3) or replicated (distill.teacher_partitioned).
 """
 
 import math
@@ -54,6 +56,7 @@ from train.checkpoint import export_weights
 from train.pretrain import adamw, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
+from train.strategy import PerNetworkZeroStrategy
 
 NAMES = ("video", "audio")  # order of the latents in a sample, as build_sequence emits them
 
@@ -71,6 +74,31 @@ def capture_output(module: torch.nn.Module):
         yield box
     finally:
         handle.remove()
+
+
+class Critic(torch.nn.Module):
+    """What the critic update trains, as one module: the fake-score transformer and the GAN head
+    reading block `gan_layer`. Called like the transformer; with `head_mask` it also returns the
+    head's logits. One module, with the head's logits among its outputs, because under ZeRO it is
+    one DeepSpeed engine, and ZeRO-3 needs (a) the engine's root module called, or it never
+    gathers the small parameters a block reads outside their own module's forward (the
+    modulation offsets), and (b) a gradient reaching the root's outputs whenever one reaches its
+    inputs (the GAN term of the generator loss reaches the critic through the head alone)."""
+
+    def __init__(self, net: AVTransformer, head: GANHead, gan_layer: int):
+        super().__init__()
+        if not 0 <= gan_layer < net.args.n_layers:
+            raise ValueError(f"distill.gan_layer={gan_layer}: the model has blocks 0..{net.args.n_layers - 1}")
+        self.net, self.head, self.gan_layer = net, head, gan_layer
+        self.args = net.args
+
+    def forward(self, inputs, layout, timesteps, key_mask=None, head_mask=None):
+        """head_mask: (B, N) bool, the tokens the head pools over; None: velocities only."""
+        if head_mask is None:
+            return self.net(inputs, layout, timesteps, key_mask)
+        with capture_output(self.net.blocks[self.gan_layer]) as box:
+            preds = self.net(inputs, layout, timesteps, key_mask)
+        return preds, self.head(box["out"].float(), head_mask)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -93,15 +121,13 @@ class DistillModule(L.LightningModule):
     ):
         super().__init__()
         self.automatic_optimization = False
-        self.student, self.critic, self.teacher = student, critic, freeze(teacher)
+        self.student, self.teacher = student, freeze(teacher)
         self.codec = codec
         self.cfg, self.optim_student, self.optim_critic, self.run = distill, optim_student, optim_critic, run
         self.meta = meta  # the teacher's description + {"student": {...}}: what `sample` needs
         args = student.args
-        self.gan_layer = args.n_layers // 2 if distill.gan_layer is None else distill.gan_layer
-        if not 0 <= self.gan_layer < args.n_layers:
-            raise ValueError(f"distill.gan_layer={distill.gan_layer}: the model has blocks 0..{args.n_layers - 1}")
-        self.gan_head = GANHead(args.dim)
+        gan_layer = args.n_layers // 2 if distill.gan_layer is None else distill.gan_layer
+        self.critic = Critic(critic, GANHead(args.dim), gan_layer)
         self.ema = EMA(student, run.ema_decay) if run.ema_decay > 0 else None
         self.text_len = meta["text_len"]
         self.shift_args = tuple(meta["shift_args"])
@@ -112,12 +138,45 @@ class DistillModule(L.LightningModule):
         self._teacher_samples = None  # the teacher is frozen: its samples are made once
         self.samples_in_step = self.tokens_in_step = 0  # read by train/throughput.py
 
+    # ---- the networks, for one DeepSpeed engine each (train/strategy.py) ----------------------
+    def deepspeed_networks(self) -> dict:
+        """Trained networks -> (module, index of its optimizer in configure_optimizers)."""
+        return {"student": (self.student, 0), "critic": (self.critic, 1)}
+
+    def frozen_networks(self) -> dict:
+        return {"teacher": self.teacher}
+
+    def _per_network(self):
+        """The per-network ZeRO strategy when it runs this module, else None."""
+        strategy = self.trainer.strategy
+        return strategy if isinstance(strategy, PerNetworkZeroStrategy) else None
+
+    @contextmanager
+    def _training(self, name: str):
+        """Inside, only network `name` has parameters that want gradients; the other one can still
+        pass gradients through to its input (the GAN term reaches the student through the critic)."""
+        others = [self.critic] if name == "student" else [self.student]
+        for m in others:
+            m.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for m in others:
+                m.requires_grad_(True)
+
+    def _backward(self, loss: torch.Tensor, name: str) -> None:
+        zero = self._per_network()
+        if zero is not None:
+            zero.backward_network(loss, name)
+        else:
+            self.manual_backward(loss)
+
     # ---- setup --------------------------------------------------------------------------------
     def configure_model(self):
-        for net in (self.student, self.critic):  # the teacher has no backward: nothing to keep
+        for net in (self.student, self.critic.net):  # the teacher has no backward: nothing to keep
             apply_activation_checkpointing(net, self.run.activation_checkpointing)
         if self.run.compile:
-            for net in (self.student, self.critic, self.teacher):
+            for net in (self.student, self.critic.net, self.teacher):
                 apply_compile(net)
 
     def on_fit_start(self):
@@ -132,7 +191,7 @@ class DistillModule(L.LightningModule):
 
     def configure_optimizers(self):
         fused = self.device.type == "cuda"
-        critic_params = [*self.critic.named_parameters(), *self.gan_head.named_parameters()]
+        critic_params = list(self.critic.named_parameters())  # the transformer and the GAN head
         return [adamw(self.student.named_parameters(), self.optim_student, fused), adamw(critic_params, self.optim_critic, fused)]
 
     # ---- the networks as train/dmd.py callables -----------------------------------------------
@@ -143,10 +202,9 @@ class DistillModule(L.LightningModule):
         """One critic forward: (velocities [video, audio], GAN-head logits). The head reads the
         tokens of block gan_layer, pooled over the generated (video + audio) tokens only."""
         seq = build_sequence(self.critic.args, captions, self.text_len, xs[0], xs[1])
-        with capture_output(self.critic.blocks[self.gan_layer]) as box:
-            preds = self.critic(seq.inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask)
-        mask = seq.layout.expand(torch.stack([t.new_full(t.shape, s.role == "generate") for s in seq.layout.segments], 1)).bool()
-        return [preds[i] for i in sorted(seq.targets)], self.gan_head(box["out"].float(), mask)
+        generated = seq.layout.expand(torch.stack([t.new_full(t.shape, s.role == "generate") for s in seq.layout.segments], 1)).bool()
+        preds, logits = self.critic(seq.inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask, head_mask=generated)
+        return [preds[i] for i in sorted(seq.targets)], logits
 
     def student_timesteps(self, n_tokens: int) -> torch.Tensor:
         return student_schedule(self.meta["student"], shift_for_tokens(n_tokens, *self.shift_args))
@@ -195,8 +253,8 @@ class DistillModule(L.LightningModule):
         t = dm_timesteps(B, cfg.dm_t_min, cfg.dm_t_max, shift, g, self.device)
         real_v = self.velocity(self.teacher, captions, Guidance(*cfg.guidance))
         fake_v = self.velocity(self.critic, captions)
-        self.toggle_optimizer(opt)  # critic and head: requires_grad off, the GAN term reaches only x
-        try:
+        zero = self._per_network()
+        with self._training("student"):  # critic and head: requires_grad off, the GAN term reaches only x
             dm, stats = dm_generator_loss(fake, real_v, fake_v, t, noise_like(fake, g), self.weights, NAMES)
             losses = {"dm_loss": dm}
             if cfg.gan_generator_weight > 0:
@@ -206,15 +264,17 @@ class DistillModule(L.LightningModule):
             total = dm + cfg.gan_generator_weight * losses.get("gan_generator", 0.0)
             stats = {**stats, **{k: v.detach() for k, v in losses.items()}}
             if self._all_finite("generator", losses):
-                self.manual_backward(total)
-                stats["grad_norm/student"] = self._clip(self.student.parameters())
-                opt.optimizer.step()  # the raw optimizer: Lightning counts only the critic's steps
+                self._backward(total, "student")
+                if zero is not None:  # the engine clips and steps
+                    zero.step_network("student")
+                    stats["grad_norm/student"] = zero.grad_norm("student")
+                else:
+                    stats["grad_norm/student"] = self._clip(self.student.parameters())
+                    opt.optimizer.step()  # the raw optimizer: Lightning counts only the critic's steps
                 if self.ema is not None:
                     self.ema.update()
             opt.zero_grad(set_to_none=True)
-        finally:
-            self.untoggle_optimizer(opt)
-        self._last_generator_stats = stats
+        self._last_generator_stats = {k: v for k, v in stats.items() if v is not None}
 
     def _critic_update(self, opt, fake, real, captions, shift, g):
         cfg, B = self.cfg, fake[0].shape[0]
@@ -225,8 +285,8 @@ class DistillModule(L.LightningModule):
             v, logits["fake"] = self.critic_features(xs, tt, captions)
             return v
 
-        self.toggle_optimizer(opt)
-        try:
+        zero = self._per_network()
+        with self._training("critic"):
             fm, stats = critic_loss(fake, critic_v, t, noise_like(fake, g), self.weights, NAMES)
             losses = {"critic_loss": fm}
             if cfg.gan_critic_weight > 0:
@@ -235,16 +295,20 @@ class DistillModule(L.LightningModule):
                 losses["gan_critic"] = gan_discriminator_loss(logits["real"], logits["fake"])
                 stats.update(gan_accuracy(logits["real"], logits["fake"]))
             total = fm + cfg.gan_critic_weight * losses.get("gan_critic", 0.0)
-            if self._all_finite("critic", losses):
-                self.manual_backward(total)
-                stats["grad_norm/critic"] = self._clip([*self.critic.parameters(), *self.gan_head.parameters()])
+            finite = self._all_finite("critic", losses)
+            if finite:
+                self._backward(total, "critic")
+                if zero is None:
+                    stats["grad_norm/critic"] = self._clip(self.critic.parameters())
             else:
                 opt.zero_grad(set_to_none=True)  # no .grad: the step below changes nothing
-            opt.step()  # through Lightning: counts the iteration
+            opt.step()  # through Lightning: counts the iteration (under ZeRO: the critic's engine steps)
+            if zero is not None and finite:
+                stats["grad_norm/critic"] = zero.grad_norm("critic")
             opt.zero_grad(set_to_none=True)
-        finally:
-            self.untoggle_optimizer(opt)
         for name, value in {**stats, **losses}.items():
+            if value is None:
+                continue
             self.log(f"distill/{name}", value.detach() if torch.is_tensor(value) else value)
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -306,14 +370,16 @@ class DistillModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # The frozen teacher is not saved with every checkpoint (a second copy of the model); it is
         # reloaded from meta["teacher"]["path"] and put back in on_load_checkpoint.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        if "state_dict" in checkpoint:  # (under ZeRO each engine saves its own network instead)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["avgen"] = self.meta
         checkpoint["distill_skips"] = dict(self.nonfinite)
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
-        checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        if "state_dict" in checkpoint:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         self.nonfinite.update(checkpoint.get("distill_skips", {}))

@@ -10,13 +10,14 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
-from model import AVTransformer
+from model import AVTransformer, ModelArgs
 from train.callbacks import write_samples
 from train.checkpoint import export_weights
 from train.codec import PatchCodec
 from train.config import FlowConfig, OptimConfig, RunConfig
-from train.ema import EMA
+from train.ema import EMA, local_view
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps
@@ -34,17 +35,40 @@ def audio_latent_mask(audio_mask: torch.Tensor, hop: int) -> torch.Tensor:
     return audio_mask.unflatten(1, (-1, hop)).all(-1)
 
 
+def build_model(args: ModelArgs, seed: int, device: torch.device) -> AVTransformer:
+    """The model with the same initial weights on every rank (drawn from `seed` in a forked RNG,
+    whatever the rank drew before), built on the current default device."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(seed)
+        return AVTransformer(args)
+
+
 class PretrainModule(L.LightningModule):
-    def __init__(self, model: AVTransformer, codec: PatchCodec, flow: FlowConfig, optim: OptimConfig, run: RunConfig, meta: dict):
+    def __init__(self, model: AVTransformer | ModelArgs, codec: PatchCodec, flow: FlowConfig, optim: OptimConfig, run: RunConfig, meta: dict):
+        """model: a built AVTransformer, or its ModelArgs to build in configure_model, inside the
+        strategy's init context: directly on the GPU, and under ZeRO-3 partitioned as each layer is
+        built (deepspeed.zero.Init), so no process ever holds the whole 15B model."""
         super().__init__()
-        self.model, self.codec = model, codec
+        self.model = model if isinstance(model, AVTransformer) else None
+        self.model_args = model.args if isinstance(model, AVTransformer) else model
+        self.codec = codec
         self.flow, self.optim, self.run = flow, optim, run
         self.meta = meta  # model/codec/data description stored in checkpoints and exports
-        self.ema = EMA(model, run.ema_decay) if run.ema_decay > 0 else None
+        self.ema = EMA(model, run.ema_decay) if self.model is not None and run.ema_decay > 0 else None
+        self._configured = False
         self.samples_in_step = self.tokens_in_step = 0  # read by train/throughput.py
 
     # ---- setup --------------------------------------------------------------------------------
     def configure_model(self):
+        if self._configured:
+            return
+        self._configured = True
+        if self.model is None:
+            self.model = build_model(self.model_args, self.run.seed, self.trainer.strategy.root_device)
+            self.ema = EMA(self.model, self.run.ema_decay) if self.run.ema_decay > 0 else None
+            whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+            held = sum(local_view(p).numel() for p in self.model.parameters())
+            rank_zero_info(f"model built on {self.trainer.strategy.root_device}: {whole:,} parameters, {held:,} of them held by this rank")
         apply_activation_checkpointing(self.model, self.run.activation_checkpointing)
         if self.run.compile:
             apply_compile(self.model)
@@ -172,7 +196,9 @@ def adamw(named_parameters, optim: OptimConfig, fused: bool) -> torch.optim.Adam
     decay, no_decay = [], []
     for name, p in named_parameters:
         if p.requires_grad:
-            (decay if p.dim() >= 2 and "modulation" not in name else no_decay).append(p)
+            # ds_shape: a parameter built partitioned (ZeRO-3) is an empty 1-D placeholder here
+            matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
+            (decay if matrix and "modulation" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
 

@@ -122,9 +122,10 @@ def run_pretrain(cfg: DictConfig) -> None:
     check_cluster(cfg, model_cfg, codec, loader_cfg, flow.text_len, run)
     set_cpu_threads(loader_cfg.num_workers)
     L.seed_everything(run.seed, workers=True, verbose=False)
-    model = instantiate(model_cfg)
-    meta = describe(model, codec, loader_cfg.fps, loader_cfg.sample_rate, loader_cfg.audio_channels, flow.text_len, flow.shift_args)
-    module = PretrainModule(model, codec, flow, optim, run, meta)
+    with torch.device("meta"):  # the arguments and description only: the module builds the model
+        args = instantiate(model_cfg).args
+    meta = describe(args, codec, loader_cfg.fps, loader_cfg.sample_rate, loader_cfg.audio_channels, flow.text_len, flow.shift_args)
+    module = PretrainModule(args, codec, flow, optim, run, meta)
     fit(cfg, module, run, sample, loader_cfg, trainer_overrides={})
 
 
@@ -155,9 +156,11 @@ def check_cluster(cfg: DictConfig, model_cfg: DictConfig, codec, loader_cfg, tex
     )
 
 
-def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cfg, trainer_overrides: dict) -> None:
+def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cfg, trainer_overrides: dict,
+        per_network: dict | None = None) -> None:
     """The part every training stage shares: loggers, checkpoints every n steps + last, periodic
-    samples, RNG state, the export at the end; resume from run.resume."""
+    samples, RNG state, the export at the end; resume from run.resume. per_network: the module
+    trains several networks (build_strategy: one DeepSpeed engine each under ZeRO)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.environments import SLURMEnvironment
@@ -186,7 +189,7 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **trainer_overrides}
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
-    strategy = build_strategy(to_object(StrategyConfig, cfg.strategy, "strategy"), loader_cfg.batch_size, world_size(trainer_kwargs))
+    strategy = build_strategy(to_object(StrategyConfig, cfg.strategy, "strategy"), loader_cfg.batch_size, world_size(trainer_kwargs), per_network)
     # Under SLURM, preemption is PreemptionCallback's (one resume path: checkpoints/last.ckpt).
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     try:
@@ -279,11 +282,6 @@ def run_distill(cfg: DictConfig) -> None:
     if cfg.teacher in (None, "", "???"):
         raise ConfigError("teacher is required: teacher=<pretrain run_dir>/export/model.safetensors (or a .ckpt)")
     trainer_cfg = cfg.trainer
-    if cfg.strategy.name == "zero":
-        raise ConfigError(
-            "strategy=zero2/zero3: the distill stage has two optimizers stepped at their own rates, which needs one DeepSpeed "
-            "engine per network (scale-out work, not built yet); use strategy=auto or ddp (several processes: DDP)"
-        )
     if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")
     from train.cluster import ClusterConfig, check_launch
@@ -332,5 +330,7 @@ def run_distill(cfg: DictConfig) -> None:
     # and checkpoints hold the state after the step's updates (what resuming needs).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Using ModelCheckpoint with manual optimization")
-    # Manual optimization: the module clips each network itself (distill.grad_clip).
-    fit(cfg, module, run, sample, loader_cfg, trainer_overrides={"gradient_clip_val": None})
+    # Manual optimization: the module clips each network itself (distill.grad_clip); under ZeRO
+    # each network's DeepSpeed engine does, one engine per network (train/strategy.py).
+    per_network = {"frozen_partitioned": distill.teacher_partitioned, "gradient_clipping": distill.grad_clip}
+    fit(cfg, module, run, sample, loader_cfg, trainer_overrides={"gradient_clip_val": None}, per_network=per_network)

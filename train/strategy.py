@@ -1,5 +1,7 @@
 """The training strategy from the `strategy` config group: Lightning's own ("auto", "ddp", ...) or
-`ZeroStrategy`, DeepSpeed ZeRO through Lightning's DeepSpeedStrategy that also runs on CPU.
+`ZeroStrategy`, DeepSpeed ZeRO through Lightning's DeepSpeedStrategy that also runs on CPU, and
+for modules that train several networks at their own rates (distill) `PerNetworkZeroStrategy`,
+one DeepSpeed engine per network.
 
 Lightning's DeepSpeedStrategy refuses every accelerator but CUDA, although DeepSpeed runs ZeRO
 stages 1-3 on CPU with the gloo backend (DeepSpeed picks its CPU accelerator when no GPU is
@@ -45,7 +47,7 @@ class ZeroStrategy(DeepSpeedStrategy):
         self.set_world_ranks()
         self._init_deepspeed_distributed()
 
-    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None, config=None):
         """deepspeed.initialize, as Lightning calls it, with a device rank on CPU too: DeepSpeed
         reads a missing one (CPU devices have no index) as "not distributed" and would train every
         rank as a world of one."""
@@ -56,7 +58,7 @@ class ZeroStrategy(DeepSpeedStrategy):
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
         engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
             args=argparse.Namespace(device_rank=device_rank),
-            config=self.config,
+            config=config or self.config,
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             optimizer=optimizer,
@@ -64,6 +66,99 @@ class ZeroStrategy(DeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, deepspeed_optimizer
+
+
+class PerNetworkZeroStrategy(ZeroStrategy):
+    """ZeRO for a LightningModule that trains several networks, each with its own optimizer and
+    at its own rate (the distill stage: student and critic): one DeepSpeed engine per network, as
+    DeepSpeed-Chat runs actor and critic, instead of Lightning's one engine for the whole module
+    (which allows one optimizer).
+
+    The module names its networks: `deepspeed_networks()` -> {name: (module, optimizer index in
+    configure_optimizers)} for the trained ones, `frozen_networks()` -> {name: module} for the
+    others (the teacher). Under ZeRO-3 a frozen network is partitioned too (an engine without
+    optimizer), or, with `frozen_partitioned=False`, replicated on every GPU in the compute dtype.
+    A network's backward goes through `backward_network(loss, name)`; its step through Lightning's
+    optimizer step (found by optimizer) or `step_network(name)`. An engine that has seen no backward
+    since its last step is not stepped: as with torch's AdamW, no gradients change nothing
+    (DeepSpeed would step on zeros: moments and weight decay would move). Checkpoints are
+    directories with one DeepSpeed checkpoint per trained network (tag = its name); the frozen
+    ones are rebuilt by the module, not saved."""
+
+    strategy_name = "zero_per_network"
+
+    def __init__(self, *args, frozen_partitioned: bool = True, gradient_clipping: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frozen_partitioned = frozen_partitioned
+        if gradient_clipping is not None:  # the module's own clipping sees no .grad under ZeRO
+            self.config["gradient_clipping"] = float(gradient_clipping)
+        self.engines: dict = {}
+        self._has_grads: dict[str, bool] = {}
+
+    def _initialize_deepspeed_train(self, model) -> None:
+        from lightning.pytorch.core.optimizer import _init_optimizers_and_lr_schedulers
+
+        module = self.lightning_module
+        optimizers, schedulers = _init_optimizers_and_lr_schedulers(module)
+        if schedulers:
+            raise ConfigError("strategy=zero with one engine per network: the module must set its learning rates itself (no lr_scheduler)")
+        self.config.setdefault("train_micro_batch_size_per_gpu", 1)
+        wrapped = [None] * len(optimizers)
+        self._name_of_optimizer = {}
+        for name, (network, index) in module.deepspeed_networks().items():
+            engine, wrapped[index] = self._setup_model_and_optimizer(network, optimizers[index])
+            self.engines[name] = engine
+            self._name_of_optimizer[id(wrapped[index])] = name
+        self.frozen: dict = {}
+        for name, network in module.frozen_networks().items():
+            if self.zero_stage_3 and self.frozen_partitioned:
+                config = {k: v for k, v in self.config.items() if k in ("train_micro_batch_size_per_gpu", "bf16", "fp16", "zero_optimization")}
+                self.frozen[name] = self._setup_model_and_optimizer(network, None, config=config)[0]
+            else:
+                dtype = torch.bfloat16 if self.config.get("bf16", {}).get("enabled") else None
+                self.frozen[name] = network.to(device=self.root_device, dtype=dtype)
+        self.optimizers = wrapped
+        self.model = model  # the LightningModule itself; its networks run inside their engines' hooks
+
+    # ---- backward and step, per network ----------------------------------------------------------
+    def backward_network(self, loss: torch.Tensor, name: str) -> None:
+        self.engines[name].backward(loss)
+        self._has_grads[name] = True
+
+    def step_network(self, name: str) -> None:
+        if self._has_grads.pop(name, False):
+            self.engines[name].step()
+
+    def grad_norm(self, name: str):
+        """The norm DeepSpeed clipped at in the network's last step (before clipping), or None."""
+        return self.engines[name].get_global_grad_norm()
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        closure()  # manual optimisation: nothing to compute here
+        self.step_network(self._name_of_optimizer[id(optimizer)])
+
+    # ---- checkpoints: one DeepSpeed checkpoint per trained network ----------------------------
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options is not supported with DeepSpeed checkpoints")
+        filepath = self.broadcast(filepath)
+        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        for i, (name, engine) in enumerate(self.engines.items()):
+            # Lightning's state (step, loops, callbacks, the module's own) rides with the first.
+            engine.save_checkpoint(filepath, tag=name, client_state=client_state if i == 0 else {}, save_latest=False)
+
+    def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        client_state = None
+        for i, (name, engine) in enumerate(self.engines.items()):
+            path, state = engine.load_checkpoint(checkpoint_path, tag=name, load_optimizer_states=fitting, load_lr_scheduler_states=False)
+            if path is None:
+                raise ConfigError(f"{checkpoint_path}: no DeepSpeed checkpoint of network {name!r} in it (tag {name}); "
+                                  "was it written by this stage with strategy=zero2/zero3?")
+            client_state = state if i == 0 else client_state
+        return client_state
 
 
 @dataclass
@@ -88,10 +183,11 @@ class StrategyConfig:
         _require(self.timeout_minutes > 0, "strategy.timeout_minutes", self.timeout_minutes, "must be > 0")
 
 
-def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int):
+def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int, per_network: dict | None = None):
     """A Lightning strategy object or name for the Trainer. micro_batch_size: the loader's batch
     size per rank (DeepSpeed's train_micro_batch_size_per_gpu; our loader has no batch sampler
-    for Lightning to read it from)."""
+    for Lightning to read it from). per_network: for a module that trains several networks, ZeRO
+    becomes PerNetworkZeroStrategy with these arguments (frozen_partitioned, gradient_clipping)."""
     if cfg.name == "auto" and world_size > 1:
         # Lightning's auto choice for several processes is plain DDP, which rejects the weights a
         # batch leaves unused (image embedding/head outside image-to-video): conf/strategy/ddp.yaml.
@@ -100,8 +196,9 @@ def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int):
         return cfg.name
     from datetime import timedelta
 
+    cls, extra = (PerNetworkZeroStrategy, per_network) if per_network is not None else (ZeroStrategy, {})
     try:
-        return ZeroStrategy(
+        return cls(
             stage=cfg.stage,
             offload_optimizer=cfg.offload_optimizer,
             offload_parameters=cfg.offload_parameters,
@@ -112,6 +209,7 @@ def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int):
             logging_batch_size_per_gpu=micro_batch_size,
             param_persistence_threshold=cfg.param_persistence_threshold,
             logging_level=40,  # logging.ERROR: DeepSpeed's info lines drown the run's own
+            **extra,
         )
     except ImportError as e:
         raise ConfigError(f"strategy.name=zero: {e}") from None

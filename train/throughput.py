@@ -8,8 +8,9 @@ must stay free of host syncs, so this callback keeps Lightning's `Throughput` ar
 - synchronises the device only on logging steps (every `trainer.log_every_n_steps`), so the time
   between two logs covers all steps in between, and restarts its clock after the other
   callbacks of a logging step (samples, checkpoints) have run.
-Metrics (rank 0, this device): perf/tokens_per_sec, perf/samples_per_sec, perf/tflops_per_sec,
-perf/mfu (when the peak is known: Lightning's table for the GPU, or `run.peak_flops`).
+Metrics (this device): perf/tokens_per_sec, perf/samples_per_sec, perf/tflops_per_sec,
+perf/seconds_per_step, perf/mfu (when the peak is known: Lightning's table for the GPU, or
+`run.peak_flops`), perf/max_memory_allocated_gb (GPU).
 """
 
 import time
@@ -107,6 +108,8 @@ class ThroughputCallback(L.Callback):
         }
         if "device/mfu" in m:
             metrics["perf/mfu"] = m["device/mfu"]
+        if trainer.strategy.root_device.type == "cuda":  # the high-water mark of this GPU so far
+            metrics["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**30
         for logger in trainer.loggers:  # rank-zero-only inside Lightning's loggers
             logger.log_metrics(metrics, step=step)
         self._restart = True
