@@ -4,6 +4,7 @@ steps without guidance, and a teacher of another model config is refused naming 
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,13 @@ def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teache
     pytest.importorskip("deepspeed")
     ranks = ("trainer.accelerator=cpu", "trainer.devices=2", "logger.mode=disabled")
     straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", tmp_path / "ddp"
-    distill(straight, shards, teacher, 4, f"strategy={stage}", *ranks)
+    out = distill(straight, shards, teacher, 4, f"strategy={stage}", *ranks)
+    if stage == "zero3":  # built partitioned from the teacher file: rank 0 holds half the student
+        m = re.search(r"networks built on \S+: student, critic, teacher; the student has ([\d,]+) parameters, ([\d,]+) of them held",
+                      out.stdout + out.stderr)
+        assert m, "no 'networks built' line"
+        whole, held = (int(x.replace(",", "")) for x in m.groups())
+        assert whole / 2 <= held < 0.6 * whole
     last = straight / "checkpoints" / "last.ckpt"
     assert last.is_dir() and {p.name for p in last.iterdir()} >= {"student", "critic"}
     if stage == "zero3":  # each rank holds its partition of each network

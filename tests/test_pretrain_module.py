@@ -1,6 +1,8 @@
 """The pretraining LightningModule on a fixed in-memory batch: the loss goes down, EMA and the LR
 schedule behave, export round-trips."""
 
+import dataclasses
+
 import lightning as L
 import pytest
 import torch
@@ -104,6 +106,27 @@ def test_ema_tracks_the_weights_and_is_used_for_export(tmp_path):
     model, codec, meta, step = load_generator(path)
     assert step == 6 and meta["text_len"] == 16 and codec.config() == module.codec.config()
     torch.testing.assert_close(dict(model.named_parameters())["blocks.1.weights.shared.qkv.weight"], s)
+
+
+def test_lazy_export_reads_what_the_eager_one_does(tmp_path):
+    """read_weights(lazy=True): names and shapes up front, tensors read when used (the ZeRO-3
+    distill build reads the teacher this way), and a model that does not fit is named."""
+    from train.checkpoint import SafetensorsWeights, check_fits, load_into, read_weights
+    from train.config import ConfigError
+
+    module = make_module()
+    path = export_safetensors(tmp_path / "m.safetensors", dict(module.model.named_parameters()), module.meta, 0, "raw")
+    eager, meta, _ = read_weights(path)
+    lazy, lazy_meta, _ = read_weights(path, lazy=True)
+    assert isinstance(lazy, SafetensorsWeights) and meta == lazy_meta and sorted(lazy) == sorted(eager)
+    assert all(lazy.shape(k) == tuple(v.shape) and torch.equal(lazy[k], v) for k, v in eager.items())
+    fresh = AVTransformer(module.model.args)
+    load_into(fresh, lazy, "test")
+    assert all(torch.equal(p, eager[n]) for n, p in fresh.named_parameters())
+    with torch.device("meta"):
+        wider = AVTransformer(dataclasses.replace(module.model.args, mlp_hidden=module.model.args.mlp_hidden * 2))
+    with pytest.raises(ConfigError, match=r"test: weights do not fit the model config: .*shape mismatches, e\.g\. \['blocks"):
+        check_fits(wider, lazy, "test")
 
 
 def test_ema_update_rule():

@@ -3,6 +3,7 @@ Lightning checkpoint (EMA weights when present). The model/codec/data descriptio
 file, so `sample` and `distill` rebuild exactly the network that was trained."""
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -56,9 +57,33 @@ def export_weights(model, ema, keep: bool) -> tuple[dict, str]:
         return full_weights(model, keep), "ema"
 
 
-def read_weights(path, option: str = "ckpt") -> tuple[dict[str, torch.Tensor], dict, int]:
+class SafetensorsWeights(Mapping):
+    """The tensors of a .safetensors file by name, each read from disk only when asked for: a
+    partitioned model is loaded tensor by tensor on one rank, and no process holds the file."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        with safe_open(self.path, framework="pt") as f:
+            self._shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[name]
+
+
+def read_weights(path, option: str = "ckpt", lazy: bool = False) -> tuple[Mapping[str, torch.Tensor], dict, int]:
     """(weights with clean names, meta, step) from a .safetensors export or a Lightning .ckpt.
-    option: the config option the path came from, for error messages."""
+    option: the config option the path came from, for error messages. lazy: an export's tensors
+    are read when used (SafetensorsWeights); a .ckpt is memory-mapped."""
     path = Path(path)
     if path.is_dir() and (path / "checkpoint").is_dir():
         raise ConfigError(
@@ -72,9 +97,9 @@ def read_weights(path, option: str = "ckpt") -> tuple[dict[str, torch.Tensor], d
             meta = f.metadata() or {}
             if "avgen" not in meta:
                 raise ConfigError(f"{option}={str(path)!r}: not an avgen export (no 'avgen' metadata)")
-            weights = {k: f.get_tensor(k) for k in f.keys()}
+            weights = SafetensorsWeights(path) if lazy else {k: f.get_tensor(k) for k in f.keys()}
         return weights, json.loads(meta["avgen"]), int(meta.get("step", 0))
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False, mmap=lazy)
     if "avgen" not in ckpt:
         raise ConfigError(f"{option}={str(path)!r}: not an avgen checkpoint (no 'avgen' entry)")
     if "ema" in ckpt:
@@ -85,12 +110,14 @@ def read_weights(path, option: str = "ckpt") -> tuple[dict[str, torch.Tensor], d
     return {clean_name(k): v for k, v in weights.items()}, ckpt["avgen"], int(ckpt.get("global_step", 0))
 
 
-def load_into(model: AVTransformer, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Strict load with an error that names mismatching keys and shapes."""
-    own = {clean_name(k): v for k, v in model.state_dict().items()}
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    shapes = [f"{k}: {tuple(weights[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in weights and weights[k].shape != own[k].shape]
+def check_fits(model: AVTransformer, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """ConfigError naming the keys and shapes where `weights` do not fit `model` (which may live on
+    the meta device, or be partitioned): the check of load_into, before anything is built."""
+    own = {clean_name(k): tuple(getattr(p, "ds_shape", p.shape)) for k, p in model.named_parameters()}
+    theirs = {k: tuple(weights.shape(k) if hasattr(weights, "shape") else weights[k].shape) for k in weights}
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    shapes = [f"{k}: {theirs[k]} vs model {own[k]}" for k in own if k in theirs and theirs[k] != own[k]]
     if missing or unexpected or shapes:
         lines = []
         if missing:
@@ -100,9 +127,28 @@ def load_into(model: AVTransformer, weights: dict[str, torch.Tensor], source: st
         if shapes:
             lines.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:3]}")
         raise ConfigError(f"{source}: weights do not fit the model config: " + "; ".join(lines))
+
+
+def load_into(model: AVTransformer, weights: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load (check_fits first). A model built partitioned (ZeRO-3) is filled one parameter
+    at a time, gathered, from rank 0's read: the other ranks never read the tensors."""
+    check_fits(model, weights, source)
+    params = {clean_name(k): p for k, p in model.named_parameters()}
+    from train.strategy import is_partitioned
+
+    if is_partitioned(model):
+        import deepspeed
+        import torch.distributed as dist
+
+        for name, p in params.items():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if dist.get_rank() == 0:
+                    with torch.no_grad():
+                        p.copy_(weights[name].to(p.dtype))
+        return
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(weights[clean_name(name)].to(p.dtype))
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.dtype))
 
 
 def load_generator(path, device="cpu") -> tuple[AVTransformer, PatchCodec, dict, int]:

@@ -26,12 +26,14 @@ partitioned (ZeRO-3) or replicated (distill.teacher_partitioned).
 """
 
 import math
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
-from model import AVTransformer
+from model import AVTransformer, ModelArgs
 from train.callbacks import write_samples
 from train.codec import PatchCodec
 from train.config import DistillConfig, OptimConfig, RunConfig
@@ -49,11 +51,11 @@ from train.dmd import (
     random_exit_index,
     student_generate_at,
 )
-from train.ema import EMA
+from train.ema import EMA, local_view
 from train.flow import add_noise, shift_for_tokens
 from train.parallelize import apply_activation_checkpointing, apply_compile
-from train.checkpoint import export_weights
-from train.pretrain import adamw, lr_factor, step_generator
+from train.checkpoint import export_weights, load_into
+from train.pretrain import adamw, build_model, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
 from train.strategy import PerNetworkZeroStrategy
@@ -87,8 +89,6 @@ class Critic(torch.nn.Module):
 
     def __init__(self, net: AVTransformer, head: GANHead, gan_layer: int):
         super().__init__()
-        if not 0 <= gan_layer < net.args.n_layers:
-            raise ValueError(f"distill.gan_layer={gan_layer}: the model has blocks 0..{net.args.n_layers - 1}")
         self.net, self.head, self.gan_layer = net, head, gan_layer
         self.args = net.args
 
@@ -109,26 +109,36 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 class DistillModule(L.LightningModule):
     def __init__(
         self,
-        student: AVTransformer,
-        critic: AVTransformer,
-        teacher: AVTransformer,
+        student: AVTransformer | None,
+        critic: AVTransformer | None,
+        teacher: AVTransformer | None,
         codec: PatchCodec,
         distill: DistillConfig,
         optim_student: OptimConfig,
         optim_critic: OptimConfig,
         run: RunConfig,
         meta: dict,
+        teacher_weights: Mapping[str, torch.Tensor] | None = None,
     ):
+        """student, critic, teacher: networks holding the teacher's weights; or None, to build
+        them in configure_model from meta["model"] and load `teacher_weights` (read lazily): inside
+        the strategy's init context, so under ZeRO-3 each is partitioned as it is built
+        (deepspeed.zero.Init) and no process holds a whole network."""
         super().__init__()
         self.automatic_optimization = False
-        self.student, self.teacher = student, freeze(teacher)
         self.codec = codec
         self.cfg, self.optim_student, self.optim_critic, self.run = distill, optim_student, optim_critic, run
         self.meta = meta  # the teacher's description + {"student": {...}}: what `sample` needs
-        args = student.args
-        gan_layer = args.n_layers // 2 if distill.gan_layer is None else distill.gan_layer
-        self.critic = Critic(critic, GANHead(args.dim), gan_layer)
-        self.ema = EMA(student, run.ema_decay) if run.ema_decay > 0 else None
+        self.args = ModelArgs(**meta["model"])
+        self.gan_layer = self.args.n_layers // 2 if distill.gan_layer is None else distill.gan_layer
+        if not 0 <= self.gan_layer < self.args.n_layers:
+            raise ValueError(f"distill.gan_layer={distill.gan_layer}: the model has blocks 0..{self.args.n_layers - 1}")
+        to_build = student is None or critic is None or teacher is None
+        if to_build and teacher_weights is None:
+            raise ValueError("DistillModule: networks left to build need teacher_weights")
+        self._teacher_weights = teacher_weights if to_build else None  # read by configure_model, then dropped
+        self.student = self.critic = self.teacher = self.ema = None
+        self._set_networks(student, critic, teacher)
         self.text_len = meta["text_len"]
         self.shift_args = tuple(meta["shift_args"])
         self.weights = [distill.video_weight, distill.audio_weight]
@@ -172,7 +182,35 @@ class DistillModule(L.LightningModule):
             self.manual_backward(loss)
 
     # ---- setup --------------------------------------------------------------------------------
+    def _set_networks(self, student, critic, teacher):
+        if teacher is not None:
+            self.teacher = freeze(teacher)
+        if student is None or critic is None:
+            return
+        self.student = student
+        with torch.random.fork_rng(devices=[]):  # the head's initial weights: from the seed alone
+            torch.manual_seed(self.run.seed + 1)
+            self.critic = Critic(critic, GANHead(self.args.dim), self.gan_layer)
+        self.ema = EMA(student, self.run.ema_decay) if self.run.ema_decay > 0 else None
+
+    def _build_networks(self):
+        """configure_model: the networks not given, built from the teacher's weights."""
+        device = self.trainer.strategy.root_device
+        source = f"teacher={self.meta['teacher']['path']!r}"
+        names = ["student", "critic"] + (["teacher"] if self.teacher is None else [])
+        built = {}
+        for name in names:
+            built[name] = build_model(self.args, self.run.seed, device)
+            load_into(built[name], self._teacher_weights, source)
+        self._set_networks(built["student"], built["critic"], built.get("teacher"))
+        self._teacher_weights = None
+        whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
+        held = sum(local_view(p).numel() for p in self.student.parameters())
+        rank_zero_info(f"networks built on {device}: {', '.join(names)}; the student has {whole:,} parameters, {held:,} of them held by this rank")
+
     def configure_model(self):
+        if self.student is None:
+            self._build_networks()
         for net in (self.student, self.critic.net):  # the teacher has no backward: nothing to keep
             apply_activation_checkpointing(net, self.run.activation_checkpointing)
         if self.run.compile:
@@ -186,7 +224,8 @@ class DistillModule(L.LightningModule):
     def train(self, mode: bool = True):
         # Lightning puts the whole module in train mode each epoch; the teacher stays in eval.
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     def configure_optimizers(self):

@@ -291,11 +291,14 @@ def run_distill(cfg: DictConfig) -> None:
     import lightning as L
 
     from model import AVTransformer, ModelArgs
-    from train.checkpoint import load_into, read_weights
+    from train.checkpoint import check_fits, load_into, read_weights
     from train.codec import PatchCodec
     from train.distill import DistillModule
 
-    weights, teacher_meta, teacher_step = read_weights(cfg.teacher, option="teacher")
+    # Under ZeRO-3 the module builds student and critic (and a partitioned teacher) itself, each
+    # partitioned as it is built, reading the teacher's tensors one at a time on rank 0.
+    zero3 = cfg.strategy.name == "zero" and int(cfg.strategy.get("stage", 2)) == 3
+    weights, teacher_meta, teacher_step = read_weights(cfg.teacher, option="teacher", lazy=zero3)
     if "student" in teacher_meta:
         raise ConfigError(f"teacher={cfg.teacher!r} is a distilled student, not a flow-matching teacher")
     codec = PatchCodec(**teacher_meta["codec"])
@@ -316,16 +319,25 @@ def run_distill(cfg: DictConfig) -> None:
     set_cpu_threads(loader_cfg.num_workers)
     L.seed_everything(run.seed, workers=True, verbose=False)
     source = f"teacher={str(cfg.teacher)!r}"
-    student, critic, teacher = build(), build(), build()
+    if zero3:
+        with torch.device("meta"):
+            probe = build()
+        check_fits(probe, weights, source)  # now, not once the processes are up
+        args, student, critic = probe.args, None, None
+        teacher = None if distill.teacher_partitioned else build()
+    else:
+        student, critic, teacher = build(), build(), build()
+        args = student.args
     for net in (student, critic, teacher):
-        load_into(net, weights, source)
+        if net is not None:
+            load_into(net, weights, source)
     meta = {
         **teacher_meta,
-        "model": asdict(student.args),
+        "model": asdict(args),
         "student": {"steps": distill.student_steps, "timesteps": distill.student_timesteps},
         "teacher": {"path": str(Path(cfg.teacher).resolve()), "step": teacher_step},
     }
-    module = DistillModule(student, critic, teacher, codec, distill, optim_student, optim_critic, run, meta)
+    module = DistillModule(student, critic, teacher, codec, distill, optim_student, optim_critic, run, meta, teacher_weights=weights)
     # Two Lightning warnings that are expected here: the frozen teacher is in eval mode on purpose,
     # and checkpoints hold the state after the step's updates (what resuming needs).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
