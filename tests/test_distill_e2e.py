@@ -140,7 +140,7 @@ def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teache
     DeepSpeed checkpoint per network), and an interrupted run resumes to the same losses and
     export. The losses match the DDP run's: the same math, only sharded."""
     pytest.importorskip("deepspeed")
-    ranks = ("trainer.accelerator=cpu", "trainer.devices=2", "logger.mode=disabled")
+    ranks = ("trainer.accelerator=cpu", "trainer.devices=2", "logger.mode=disabled", "activation_checkpointing=full")
     straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", tmp_path / "ddp"
     out = distill(straight, shards, teacher, 4, f"strategy={stage}", *ranks)
     if stage == "zero3":  # built partitioned from the teacher file: rank 0 holds half the student

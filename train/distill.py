@@ -58,7 +58,7 @@ from train.checkpoint import export_weights, load_into
 from train.pretrain import adamw, build_model, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
-from train.strategy import PerNetworkZeroStrategy
+from train.strategy import PerNetworkZeroStrategy, outside_zero_init
 
 NAMES = ("video", "audio")  # order of the latents in a sample, as build_sequence emits them
 
@@ -211,11 +211,12 @@ class DistillModule(L.LightningModule):
     def configure_model(self):
         if self.student is None:
             self._build_networks()
-        for net in (self.student, self.critic.net):  # the teacher has no backward: nothing to keep
-            apply_activation_checkpointing(net, self.run.activation_checkpointing)
-        if self.run.compile:
-            for net in (self.student, self.critic.net, self.teacher):
-                apply_compile(net)
+        with outside_zero_init():
+            for net in (self.student, self.critic.net):  # the teacher has no backward: nothing to keep
+                apply_activation_checkpointing(net, self.run.activation_checkpointing)
+            if self.run.compile:
+                for net in (self.student, self.critic.net, self.teacher):
+                    apply_compile(net)
 
     def on_fit_start(self):
         if self.ema is not None:

@@ -21,6 +21,7 @@ from train.ema import EMA, local_view
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps
+from train.strategy import outside_zero_init
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -69,9 +70,10 @@ class PretrainModule(L.LightningModule):
             whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
             held = sum(local_view(p).numel() for p in self.model.parameters())
             rank_zero_info(f"model built on {self.trainer.strategy.root_device}: {whole:,} parameters, {held:,} of them held by this rank")
-        apply_activation_checkpointing(self.model, self.run.activation_checkpointing)
-        if self.run.compile:
-            apply_compile(self.model)
+        with outside_zero_init():
+            apply_activation_checkpointing(self.model, self.run.activation_checkpointing)
+            if self.run.compile:
+                apply_compile(self.model)
 
     def on_fit_start(self):
         if self.ema is not None:

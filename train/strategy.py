@@ -10,6 +10,7 @@ and, for stage 3, parameters; their checkpoints) run in CI on a machine without 
 """
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -213,6 +214,27 @@ def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int, 
         )
     except ImportError as e:
         raise ConfigError(f"strategy.name=zero: {e}") from None
+
+
+@contextmanager
+def outside_zero_init():
+    """Suspend DeepSpeed's zero.Init inside the block (Lightning runs configure_model inside it
+    under ZeRO-3). Wrapper modules built there (activation checkpointing, torch.compile) have no
+    parameters of their own, and zero.Init's hook on every new module's constructor recurses
+    forever through CheckpointWrapper's attribute forwarding."""
+    try:
+        from deepspeed.runtime.zero import partition_parameters as zero_init
+    except ImportError:
+        yield
+        return
+    active = zero_init.top_level_context is not None
+    if active:
+        zero_init.shutdown_init_context()
+    try:
+        yield
+    finally:
+        if active:
+            zero_init.restore_init_context()
 
 
 def is_partitioned(module: torch.nn.Module) -> bool:
