@@ -2,7 +2,6 @@
 metrics and the student/teacher samples, checkpoints resume exactly, the export samples in its 8
 steps without guidance, and a teacher of another model config is refused naming the weights."""
 
-import csv
 import json
 import re
 import subprocess
@@ -13,7 +12,7 @@ import av
 import pytest
 import torch
 
-from tests.test_pretrain_e2e import FPS, ROOT, SECONDS, SR, pretrain
+from tests.test_pretrain_e2e import FPS, ROOT, SECONDS, SR, metric, pretrain
 from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture)
 from train.checkpoint import read_weights
 
@@ -42,16 +41,6 @@ def distill(*args, **kwargs):
     out = subprocess.run(distill_args(*args, **kwargs), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return out
-
-
-def metric(run_dir: Path, key: str) -> dict[int, float]:
-    found = {}
-    for path in sorted((run_dir / "metrics").glob("version_*/metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get(key):
-                    found[int(row["step"])] = float(row[key])
-    return found
 
 
 def test_distill_end_to_end_then_resume_exactly(shards, teacher, tmp_path):  # noqa: F811

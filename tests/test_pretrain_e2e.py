@@ -47,15 +47,19 @@ def _env():
     return dict(os.environ)
 
 
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> train/loss from every CSV log of the run (one version per launch)."""
+def metric(run_dir: Path, key: str) -> dict[int, float]:
+    """step -> the metric `key` from every CSV log of the run (one version per launch)."""
     found = {}
     for path in sorted((run_dir / "metrics").glob("version_*/metrics.csv")):
         with open(path) as f:
             for row in csv.DictReader(f):
-                if row.get("train/loss"):
-                    found[int(row["step"])] = float(row["train/loss"])
+                if row.get(key):
+                    found[int(row["step"])] = float(row[key])
     return found
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return metric(run_dir, "train/loss")
 
 
 def test_pretrain_end_to_end_then_resume_exactly(shards, tmp_path):
@@ -71,6 +75,8 @@ def test_pretrain_end_to_end_then_resume_exactly(shards, tmp_path):
     for key in (b"train/loss", b"train/loss_video", b"train/loss_audio", b"train/grad_norm", b"train/lr",
                 b"perf/tokens_per_sec", b"perf/samples_per_sec", b"perf/tflops_per_sec", b"perf/mfu", b"samples/generator"):
         assert key in blob, key
+    # the FLOPs of the model built in configure_model are counted (the hook finds it)
+    assert metric(straight, "perf/tflops_per_sec") and all(v > 0 for v in metric(straight, "perf/tflops_per_sec").values())
     # the end-of-training sample: an mp4 with the right frame count and audio duration
     mp4 = sorted((straight / "samples").glob("*.mp4"))[-1]
     with av.open(str(mp4)) as c:

@@ -62,9 +62,12 @@ class ThroughputCallback(L.Callback):
             peak = get_available_flops(trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin))
         # window 2: every logged rate covers the steps since the previous log
         self._throughput = Throughput(available_flops=peak, world_size=1, window_size=2)
-        self._flops = ModelFlops(pl_module)
         self._restart = True
         self._last_logged = -1
+
+    def on_train_start(self, trainer, pl_module):
+        # Here, not in setup: the modules build their networks in configure_model, after setup.
+        self._flops = ModelFlops(pl_module)
 
     def teardown(self, trainer, pl_module, stage):
         if self._flops is not None:
@@ -79,7 +82,7 @@ class ThroughputCallback(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._restart:  # first step, or the step after a log: start the clock here
             self._restart = False
-            self._t0, self._time = self._now(trainer), 0.0
+            self._t0 = self._now(trainer)
             self._batches = self._samples = self._tokens = 0
             self._throughput.reset()
             self._throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0.0)
