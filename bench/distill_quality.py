@@ -17,9 +17,7 @@ Writes bench/results/distill_quality_<device>_<date>.json (or --out) and prints 
 """
 
 import argparse
-import datetime
 import json
-import platform
 import random
 import sys
 import time
@@ -37,6 +35,7 @@ from data.config import LoaderConfig, SyntheticConfig  # noqa: E402
 from data.decode import ClipSpec as DecodeSpec  # noqa: E402
 from data.decode import decode_clip  # noqa: E402
 from data.synthetic import synthetic_clip  # noqa: E402
+from bench.environment import describe, slug  # noqa: E402
 from train.checkpoint import load_generator  # noqa: E402
 from train.sampling import ClipSpec, Guidance, generate  # noqa: E402
 
@@ -161,17 +160,15 @@ def main(argv=None) -> dict:
             row["fd"] = frechet_distance(z(features(clips, fps, rate)), z(real_feats))
         report[name] = row
 
+    device = torch.device(args.device)
     result = {
         "what": "DMD-2 student vs its teacher on held-out synthetic AV clips (bench/distill_quality.py)",
-        "command": "python bench/distill_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        **describe(device, ["bench/distill_quality.py", *(sys.argv[1:] if argv is None else argv)]),
         "clips": args.clips, "seconds": args.seconds, "height": args.height, "width": args.width,
         "teacher_step": teacher_meta.get("step"),
         "results": report,
     }
-    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"distill_quality_{'h100' if args.device == 'cuda' else 'cpu'}_{result['date']}.json"
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"distill_quality_{slug(device)}_{result['date']}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     keys = ["network_evaluations", "seconds_per_clip_median", "fd", "sync_mean_abs_offset_ms", "sync_onsets_matched", "sync_events_matched", "colour_acc", "axis_acc"]

@@ -1,23 +1,24 @@
 """What a benchmark result must say about where it ran: device, versions, command, date."""
 
 import datetime
+import json
 import platform
 import sys
+from pathlib import Path
 
+import lightning
 import torch
 
 
 def describe(device: torch.device, argv: list[str]) -> dict:
-    import lightning
-
-    info = {
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", *argv]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "lightning": lightning.__version__,
                      "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None},
     }
-    return info
 
 
 def slug(device: torch.device) -> str:
@@ -33,9 +34,6 @@ def slug(device: torch.device) -> str:
 
 def write(result: dict, out_dir, stem: str, table: str) -> None:
     """<stem>.json (everything) and <stem>.md (the table, with device, versions and command)."""
-    import json
-    from pathlib import Path
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -126,18 +126,19 @@ def main(argv=None) -> dict:
             row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens}
             for batch, name in ((1, "student_forward_s"), (2, "teacher_cfg_forward_s")):
                 measured = {depth: time_forward(m, segs, batch, args.repeats, device) for depth, m in models.items()}
+                row[name.replace("_s", "_measured_s")] = {str(depth): t for depth, t in measured.items()}
                 if args.full:
                     row[name] = measured[n_layers]
                 else:
                     (d1, t1), (d2, t2) = sorted(measured.items())
                     per_layer = (t2 - t1) / (d2 - d1)
                     row[name] = t1 + (n_layers - d1) * per_layer
-                    row[name.replace("_s", "_per_layer_s")] = round(per_layer, 5)
-                row[name] = round(row[name], 4)
-            row["student_8_steps_s"] = round(STUDENT_STEPS * row["student_forward_s"], 3)
-            row["teacher_50_steps_cfg_s"] = round(TEACHER_STEPS * row["teacher_cfg_forward_s"], 3)
-            row["forward_tflops"] = round(forward_flops(layout) / 1e12, 2)
-            row["forward_tflops_per_s"] = round(forward_flops(layout) / row["student_forward_s"] / 1e12, 2)
+                    row[name.replace("_s", "_per_layer_s")] = per_layer
+            row["student_8_steps_s"] = STUDENT_STEPS * row["student_forward_s"]
+            row["teacher_50_steps_cfg_s"] = TEACHER_STEPS * row["teacher_cfg_forward_s"]
+            flops = forward_flops(layout)
+            row["forward_tflops"] = flops / 1e12
+            row["forward_tflops_per_s"] = flops / row["student_forward_s"] / 1e12
             rows.append(row)
             print(row, file=sys.stderr)
     result = {"benchmark": "sample", **describe(device, ["bench/sample.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -149,8 +150,8 @@ def main(argv=None) -> dict:
     lines = [f"{args.preset}, {n_layers} layers ({how}), bf16, compile={args.compile}", "",
              "| clip | tokens | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['clip']} | {r['tokens']} | {r['student_forward_s']} | {r['forward_tflops_per_s']} | "
-                     f"{r['student_8_steps_s']} | {r['teacher_50_steps_cfg_s']} |")
+        lines.append(f"| {r['clip']} | {r['tokens']} | {r['student_forward_s']:.4g} | {r['forward_tflops_per_s']:.4g} | "
+                     f"{r['student_8_steps_s']:.4g} | {r['teacher_50_steps_cfg_s']:.4g} |")
     write(result, args.out, f"sample_{slug(device)}_{result['date']}{args.tag}", "\n".join(lines))
     return result
 

@@ -30,7 +30,6 @@ import lightning as L  # noqa: E402
 
 from bench.environment import describe, slug, write  # noqa: E402
 from model import ModelArgs, count_parameters  # noqa: E402
-from model.transformer import AVTransformer  # noqa: E402
 from train.codec import PatchCodec  # noqa: E402
 from train.config import FlowConfig, OptimConfig, RunConfig  # noqa: E402
 from train.flops import H100_BF16_DENSE_FLOPS  # noqa: E402
@@ -54,8 +53,8 @@ PRESETS = {
 CODEC = dict(video_spatial=4, video_temporal=1, audio_hop=64, image_channels=3, audio_channels=1)
 
 
-def clip_for_tokens(target: int, codec: PatchCodec, args: ModelArgs, frames: int) -> tuple[int, int, int]:
-    """(frames, height, width) of a 16:9-ish clip whose sequence is close to `target` tokens."""
+def clip_for_tokens(target: int, codec: PatchCodec, args: ModelArgs, frames: int) -> tuple[int, int]:
+    """(height, width) of a 16:9-ish clip of `frames` frames whose sequence is close to `target` tokens."""
     best = None
     for h in range(16, 4096, 16):
         w = 16 * round(h * 16 / 9 / 16)
@@ -64,7 +63,7 @@ def clip_for_tokens(target: int, codec: PatchCodec, args: ModelArgs, frames: int
             best = (n, h, w)
         if n > target:
             break
-    return frames, best[1], best[2]
+    return best[1], best[2]
 
 
 class StepTimer(L.Callback):
@@ -74,7 +73,7 @@ class StepTimer(L.Callback):
     def __init__(self, warmup: int):
         self.warmup, self.times, self.flops = warmup, [], []
 
-    def setup(self, trainer, module, stage):
+    def on_train_start(self, trainer, module):  # after configure_model has built the model
         self.counter = ModelFlops(module)
 
     def _sync(self, module):
@@ -101,7 +100,8 @@ def run_case(args, tokens_target: int, device: torch.device) -> dict:
     margs = ModelArgs(**PRESETS[args.preset], video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
                       video_patch=(1, 2, 2), audio_patch=1, text_input="bytes",
                       audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SAMPLE_RATE))
-    frames, h, w = clip_for_tokens(tokens_target, codec, margs, args.frames)
+    frames = args.frames
+    h, w = clip_for_tokens(tokens_target, codec, margs, frames)
     tokens = tokens_per_sample(margs, codec, frames / FPS, FPS, SAMPLE_RATE, h, w, TEXT_LEN)
     samples = round(frames / FPS * SAMPLE_RATE)
     g = torch.Generator().manual_seed(0)
@@ -118,11 +118,11 @@ def run_case(args, tokens_target: int, device: torch.device) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunConfig(run_dir=tmp, activation_checkpointing=args.ac, compile=args.compile, attention_backends=args.attention)
-        with torch.device(device):  # build on the device: a 3B-parameter model initialises in seconds there
-            model = AVTransformer(margs)
         flow = FlowConfig(text_len=TEXT_LEN, caption_dropout=0.0)
         meta = {"data": {"fps": FPS, "sample_rate": SAMPLE_RATE}, "text_len": TEXT_LEN, "shift_args": flow.shift_args}
-        module = PretrainModule(model, codec, flow, OptimConfig(warmup_steps=1), run, meta)
+        # ModelArgs, as `python -m train pretrain` passes them: the module builds the model in
+        # configure_model, on the device.
+        module = PretrainModule(margs, codec, flow, OptimConfig(warmup_steps=1), run, meta)
         timer = StepTimer(args.warmup)
         trainer = L.Trainer(
             accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
@@ -135,18 +135,18 @@ def run_case(args, tokens_target: int, device: torch.device) -> dict:
     step_s = statistics.median(timer.times)
     flops = statistics.median(timer.flops)
     row = {
-        "preset": args.preset, "params": count_parameters(model), "layers": margs.n_layers, "dim": margs.dim,
+        "preset": args.preset, "params": count_parameters(module.model), "layers": margs.n_layers, "dim": margs.dim,
         "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
         "activation_checkpointing": args.ac, "compile": args.compile, "attention": args.attention,
-        "steps_timed": len(timer.times), "step_s": round(step_s, 4), "step_s_min": round(min(timer.times), 4),
-        "tokens_per_s": round(args.batch * tokens / step_s, 1), "model_tflops_per_step": round(flops / 1e12, 3),
+        "steps_timed": len(timer.times), "step_s": step_s, "step_s_min": min(timer.times),
+        "tokens_per_s": args.batch * tokens / step_s, "model_flops_per_step": flops,
         "model_tflops_per_s": float(f"{flops / step_s / 1e12:.4g}"),
         # against the H100's dense bf16 peak and the reference block: meaningless on a CPU
         "mfu": round(flops / step_s / H100_BF16_DENSE_FLOPS, 4) if device.type == "cuda" else None,
         "of_reference_block": round(flops / step_s / 1e12 / REFERENCE_BLOCK_TFLOPS, 4) if device.type == "cuda" else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     }
-    del module, model, trainer
+    del module, trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -181,7 +181,6 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True
     rows = [run_case(args, n, device) for n in args.tokens]
     result = {"benchmark": "train_step", **describe(device, ["bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
               "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": REFERENCE_BLOCK_TFLOPS, "results": rows}

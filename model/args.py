@@ -67,6 +67,17 @@ class ModelArgs:
     def n_layers(self) -> int:
         return self.n_modality_in + self.n_shared + self.n_modality_out
 
+    @property
+    def patch_dims(self) -> dict[str, int]:
+        """Latent values in one token of each latent modality (what its input projection reads
+        and its output head writes)."""
+        pt, ph, pw = self.video_patch
+        return {
+            "video": self.video_channels * pt * ph * pw,
+            "image": self.video_channels * ph * pw,
+            "audio": self.audio_channels * self.audio_patch,
+        }
+
     def _check(self):
         def bad(name, value, why):
             raise ValueError(f"ModelArgs.{name}={value!r}: {why}")

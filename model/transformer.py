@@ -82,12 +82,7 @@ class AVTransformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        pt, ph, pw = args.video_patch
-        patch_dim = {
-            "video": args.video_channels * pt * ph * pw,
-            "image": args.video_channels * ph * pw,
-            "audio": args.audio_channels * args.audio_patch,
-        }
+        patch_dim = args.patch_dims
         embed = {m: Linear(patch_dim[m], args.dim) for m in patch_dim if m in args.modalities}
         if "text" in args.modalities:
             if args.text_input == "bytes":

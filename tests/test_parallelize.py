@@ -1,16 +1,18 @@
 """Training techniques applied from outside the model (train/parallelize.py): activation
 checkpointing modes give the same gradients and recompute what they promise, blocks compile
-without graph breaks, and the attention kernel order is honoured."""
+without graph breaks, and the attention kernel list and priority are applied."""
 
 import pytest
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import AVTransformer
 from model.block import BlockContext
 from model.transformer import rope_tables
 from test_model import AUDIO, TEXT, VIDEO, make_inputs, randomized, tiny_args
-from train.parallelize import apply_activation_checkpointing, attention_backends
+from train.parallelize import ATTENTION_BACKENDS, apply_activation_checkpointing, attention_backends
 
 
 def _model(mode: str) -> AVTransformer:
@@ -43,6 +45,25 @@ def test_checkpointing_gives_the_same_gradients(mode):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+class _OpCount(TorchDispatchMode):
+    """Every aten op that runs inside, counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _backward_ops(model, inputs, layout, t) -> int:
+    loss = _loss(model, inputs, layout, t)
+    with _OpCount() as counter:
+        loss.backward()
+    return counter.ops
+
+
 def test_selective_checkpointing_recomputes_no_matmul():
     """Full checkpointing re-runs each block's matmuls in the backward pass; selective keeps their
     outputs, so its backward does exactly the FLOPs of no checkpointing at all."""
@@ -51,6 +72,17 @@ def test_selective_checkpointing_recomputes_no_matmul():
         flops = {mode: _backward_flops(_model(mode), inputs, layout, t) for mode in ("none", "full", "selective")}
     assert flops["selective"] == flops["none"]
     assert flops["full"] > 1.3 * flops["none"]  # + one forward of the blocks (half the backward)
+
+
+def test_selective_checkpointing_recomputes_the_elementwise_ops():
+    """Selective is checkpointing, not its absence: every block is wrapped, and its backward runs
+    more ops than no checkpointing (the recomputed norms, modulation, RoPE, SiLU) and fewer than
+    full checkpointing (which also re-runs the matmuls and attention)."""
+    models = {mode: _model(mode) for mode in ("none", "full", "selective")}
+    assert all(isinstance(b, CheckpointWrapper) for b in models["selective"].blocks)
+    inputs, layout, t = make_inputs(models["none"], [TEXT, VIDEO, AUDIO])
+    ops = {mode: _backward_ops(m, inputs, layout, t) for mode, m in models.items()}
+    assert ops["none"] < ops["selective"] < ops["full"], ops
 
 
 @pytest.mark.parametrize("mode", ["none", "full", "selective"])
@@ -81,3 +113,15 @@ def test_attention_backend_order():
                 model(inputs, layout, t)
     with pytest.raises(ValueError, match=r"attention_backends=\['fa9'\]: choose from cudnn, flash"):
         attention_backends(("fa9",))
+
+
+def test_attention_backend_priority_is_set_and_restored():
+    """The order is PyTorch's kernel priority inside the block (on CUDA it picks the first kernel
+    that can take a call; CPU has its own fixed order, so this reads the setting itself) and the
+    previous priority comes back after."""
+    before = torch._C._get_sdp_priority_order()
+    order = ("cudnn", "math", "flash", "efficient")
+    with attention_backends(order):
+        inside = torch._C._get_sdp_priority_order()
+    assert inside[: len(order)] == [int(ATTENTION_BACKENDS[b]) for b in order]
+    assert torch._C._get_sdp_priority_order() == before

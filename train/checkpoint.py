@@ -132,10 +132,10 @@ def check_fits(model: AVTransformer, weights: Mapping[str, torch.Tensor], source
 def load_into(model: AVTransformer, weights: Mapping[str, torch.Tensor], source: str) -> None:
     """Strict load (check_fits first). A model built partitioned (ZeRO-3) is filled one parameter
     at a time, gathered, from rank 0's read: the other ranks never read the tensors."""
-    check_fits(model, weights, source)
-    params = {clean_name(k): p for k, p in model.named_parameters()}
     from train.strategy import is_partitioned
 
+    check_fits(model, weights, source)
+    params = {clean_name(k): p for k, p in model.named_parameters()}
     if is_partitioned(model):
         import deepspeed
         import torch.distributed as dist

@@ -84,6 +84,6 @@ def check_memory(cluster: ClusterConfig, n_params: int, n_layers: int, dim: int,
         raise ConfigError(
             f"cluster={cluster.name}: {n_params / 1e9:.2f}B parameters with {stage} over {world_size(trainer_cfg)} GPUs and "
             f"{tokens} tokens per micro-batch need about {est.total:.0f} GiB per GPU ({est.table()}), more than its "
-            f"{cluster.gpu_memory_gb:g} GB: use strategy=zero3, activation_checkpointing=true, more GPUs or a smaller "
+            f"{cluster.gpu_memory_gb:g} GB: use strategy=zero3, activation_checkpointing=full, more GPUs or a smaller "
             "data.loader.batch_size / clip"
         )

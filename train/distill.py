@@ -51,14 +51,14 @@ from train.dmd import (
     random_exit_index,
     student_generate_at,
 )
-from train.ema import EMA, local_view
+from train.ema import EMA
 from train.flow import add_noise, shift_for_tokens
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.checkpoint import export_weights, load_into
 from train.pretrain import adamw, build_model, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
-from train.strategy import PerNetworkZeroStrategy, outside_zero_init
+from train.strategy import PerNetworkZeroStrategy, outside_zero_init, parameter_counts
 
 NAMES = ("video", "audio")  # order of the latents in a sample, as build_sequence emits them
 
@@ -204,8 +204,7 @@ class DistillModule(L.LightningModule):
             load_into(built[name], self._teacher_weights, source)
         self._set_networks(built["student"], built["critic"], built.get("teacher"))
         self._teacher_weights = None
-        whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.student.parameters())
-        held = sum(local_view(p).numel() for p in self.student.parameters())
+        whole, held = parameter_counts(self.student)
         rank_zero_info(f"networks built on {device}: {', '.join(names)}; the student has {whole:,} parameters, {held:,} of them held by this rank")
 
     def configure_model(self):

@@ -15,7 +15,7 @@ Norms, RoPE, gating and the softmax are not matmuls and are not counted (as in M
 
 from model import ModelArgs, SequenceLayout
 
-H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, dense bf16 (../shared/bench/, DESIGN.md)
+H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, dense bf16 (DESIGN.md; the peak bench/ reports MFU against)
 
 
 def block_matmul_params(args: ModelArgs) -> int:
@@ -27,19 +27,12 @@ def block_matmul_params(args: ModelArgs) -> int:
     return params
 
 
-def _patch_dims(args: ModelArgs) -> dict[str, int]:
-    pt, ph, pw = args.video_patch
-    dims = {"video": args.video_channels * pt * ph * pw, "image": args.video_channels * ph * pw,
-            "audio": args.audio_channels * args.audio_patch}
-    dims["text"] = 0 if args.text_input == "bytes" else args.text_feature_dim  # a byte lookup costs no matmul
-    return dims
-
-
 def forward_flops(layout: SequenceLayout, batch: int = 1) -> float:
     """FLOPs of one forward of the model over `batch` samples of `layout`."""
     a = layout.args
     d, n = a.dim, layout.n_tokens
-    patch = _patch_dims(a)
+    # a text token's input: a byte lookup (no matmul) or a feature projection
+    patch = {**a.patch_dims, "text": 0 if a.text_input == "bytes" else a.text_feature_dim}
     per_sample = 2 * n * a.n_layers * block_matmul_params(a) + 4 * a.n_layers * n * n * d
     per_sample += 2 * (a.time_freq_dim * d + d * d + 6 * d * d) * len(layout.segments)
     for seg, length in zip(layout.segments, layout.lengths):

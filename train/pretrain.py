@@ -17,11 +17,11 @@ from train.callbacks import write_samples
 from train.checkpoint import export_weights
 from train.codec import PatchCodec
 from train.config import FlowConfig, OptimConfig, RunConfig
-from train.ema import EMA, local_view
+from train.ema import EMA
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps
-from train.strategy import outside_zero_init
+from train.strategy import outside_zero_init, parameter_counts
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -67,8 +67,7 @@ class PretrainModule(L.LightningModule):
         if self.model is None:
             self.model = build_model(self.model_args, self.run.seed, self.trainer.strategy.root_device)
             self.ema = EMA(self.model, self.run.ema_decay) if self.run.ema_decay > 0 else None
-            whole = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
-            held = sum(local_view(p).numel() for p in self.model.parameters())
+            whole, held = parameter_counts(self.model)
             rank_zero_info(f"model built on {self.trainer.strategy.root_device}: {whole:,} parameters, {held:,} of them held by this rank")
         with outside_zero_init():
             apply_activation_checkpointing(self.model, self.run.activation_checkpointing)

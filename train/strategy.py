@@ -152,14 +152,14 @@ class PerNetworkZeroStrategy(ZeroStrategy):
         from lightning.pytorch.trainer.states import TrainerFn
 
         fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
-        client_state = None
-        for i, (name, engine) in enumerate(self.engines.items()):
+        client_states = []
+        for name, engine in self.engines.items():
             path, state = engine.load_checkpoint(checkpoint_path, tag=name, load_optimizer_states=fitting, load_lr_scheduler_states=False)
             if path is None:
                 raise ConfigError(f"{checkpoint_path}: no DeepSpeed checkpoint of network {name!r} in it (tag {name}); "
                                   "was it written by this stage with strategy=zero2/zero3?")
-            client_state = state if i == 0 else client_state
-        return client_state
+            client_states.append(state)
+        return client_states[0]  # Lightning's state: saved with the first engine
 
 
 @dataclass
@@ -241,6 +241,14 @@ def is_partitioned(module: torch.nn.Module) -> bool:
     """True when ZeRO-3 holds the module's parameters in partitions (`p.ds_tensor`): a forward,
     and gathering weights, are then collectives every rank must join."""
     return any(hasattr(p, "ds_tensor") for p in module.parameters())
+
+
+def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
+    """(parameters of the whole module, elements this rank holds): equal unless ZeRO-3 built it
+    partitioned (each parameter then an empty placeholder plus this rank's `ds_tensor`)."""
+    params = list(module.parameters())
+    whole = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    return whole, sum(getattr(p, "ds_tensor", p).numel() for p in params)
 
 
 def full_weights(module: torch.nn.Module, keep: bool) -> dict[str, torch.Tensor]:
