@@ -1,5 +1,7 @@
 """Sampling latency of the hh15b model: one forward (one student step) at 720p and 1080p for 5 s
-and 15 s clips, the 8-step student and the 50-step teacher with CFG (cond + uncond batched, B=2).
+and 15 s clips, the 8-step student and the 50-step teacher with CFG (cond and uncond as two
+forwards at batch 1, the uncond one with the empty caption's 2 text tokens, as train/sampling.py
+runs them: no forward has a padding mask).
 
     python bench/sample.py                       # GPU: hh15b, layers timed at two depths
     python bench/sample.py --full                # time the whole 40-layer model (needs ~30 GB + activations)
@@ -41,14 +43,14 @@ CLIPS = ["1280x720x5", "1920x1080x5", "1280x720x15", "1920x1080x15"]
 STUDENT_STEPS, TEACHER_STEPS = 8, 50
 
 
-def segments(args: ModelArgs, width: int, height: int, seconds: float) -> list[Segment]:
+def segments(args: ModelArgs, width: int, height: int, seconds: float, text_tokens: int = TEXT_TOKENS) -> list[Segment]:
     """The t2v layout of one clip: text condition, generated video latents and audio latents."""
     _, ph, pw = args.video_patch
     lat_t = 1 + round(seconds * VIDEO_FPS) // VAE_TEMPORAL
     lat_h = ph * math.ceil(math.ceil(height / VAE_SPATIAL) / ph)
     lat_w = pw * math.ceil(math.ceil(width / VAE_SPATIAL) / pw)
     audio = args.audio_patch * math.ceil(seconds * AUDIO_LATENT_HZ / args.audio_patch)
-    text = (TEXT_TOKENS,) if args.text_input == "bytes" else (TEXT_TOKENS, args.text_feature_dim)
+    text = (text_tokens,) if args.text_input == "bytes" else (text_tokens, args.text_feature_dim)
     return [Segment("text", "condition", text), Segment("video", "generate", (args.video_channels, lat_t, lat_h, lat_w)),
             Segment("audio", "generate", (args.audio_channels, audio))]
 
@@ -122,10 +124,11 @@ def main(argv=None) -> dict:
         for clip in args.clips:
             width, height, seconds = (float(x) for x in clip.split("x"))
             segs = segments(full_args, int(width), int(height), seconds)
+            uncond = segments(full_args, int(width), int(height), seconds, text_tokens=2)  # the empty caption: BOS + EOS
             layout = SequenceLayout(segs, full_args)
             row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens}
-            for batch, name in ((1, "student_forward_s"), (2, "teacher_cfg_forward_s")):
-                measured = {depth: time_forward(m, segs, batch, args.repeats, device) for depth, m in models.items()}
+            for layout_segs, name in ((segs, "student_forward_s"), (uncond, "uncond_forward_s")):
+                measured = {depth: time_forward(m, layout_segs, 1, args.repeats, device) for depth, m in models.items()}
                 row[name.replace("_s", "_measured_s")] = {str(depth): t for depth, t in measured.items()}
                 if args.full:
                     row[name] = measured[n_layers]
@@ -134,6 +137,7 @@ def main(argv=None) -> dict:
                     per_layer = (t2 - t1) / (d2 - d1)
                     row[name] = t1 + (n_layers - d1) * per_layer
                     row[name.replace("_s", "_per_layer_s")] = per_layer
+            row["teacher_cfg_forward_s"] = row["student_forward_s"] + row["uncond_forward_s"]
             row["student_8_steps_s"] = STUDENT_STEPS * row["student_forward_s"]
             row["teacher_50_steps_cfg_s"] = TEACHER_STEPS * row["teacher_cfg_forward_s"]
             flops = forward_flops(layout)

@@ -6,6 +6,7 @@ MODALITIES = ("text", "image", "video", "audio")
 ROLES = ("generate", "condition")
 GATES = ("scalar", "dynamic")
 TEXT_INPUTS = ("bytes", "features")
+TEXT_PADDINGS = ("left", "right")
 
 
 @dataclass
@@ -36,6 +37,11 @@ class ModelArgs:
     audio_patch: int = 1
     text_input: str = "features"
     text_feature_dim: int = 2304
+    # Where a byte caption's padding goes. "left" (before BOS): the real tokens end next to the
+    # video on the time axis whatever the padded length, so a caption can be cut to its own length
+    # with no padding mask and give the same result (the sampler does). "right" (after EOS): how
+    # models were trained before 2026-11-26; their files have no text_padding and load as "right".
+    text_padding: str = "left"
 
     # Audio latent frames per video latent frame (e.g. 21.5 Hz audio latents / 6.25 Hz video
     # latents); puts audio tokens on the video's time axis so equal instants get equal RoPE t.
@@ -98,6 +104,8 @@ class ModelArgs:
             bad("gate", self.gate, f"choose one of {', '.join(GATES)}")
         if self.text_input not in TEXT_INPUTS:
             bad("text_input", self.text_input, f"choose one of {', '.join(TEXT_INPUTS)}")
+        if self.text_padding not in TEXT_PADDINGS:
+            bad("text_padding", self.text_padding, f"choose one of {', '.join(TEXT_PADDINGS)}")
         if self.text_input == "features" and self.text_feature_dim <= 0:
             bad("text_feature_dim", self.text_feature_dim, "must be > 0 when text_input='features'")
         if len(self.video_patch) != 3 or min(self.video_patch) <= 0:

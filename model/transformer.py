@@ -119,7 +119,9 @@ class AVTransformer(nn.Module):
         layout: SequenceLayout,
         timesteps: torch.Tensor,
         key_mask: torch.Tensor | None = None,
-    ) -> list[torch.Tensor | None]:
+        *,
+        stop_after_block: int | None = None,
+    ) -> list[torch.Tensor | None] | torch.Tensor:
         """
         inputs: one latent per segment, (B, *segment.shape) (text bytes: (B, L) long).
         timesteps: (B, n_segments) flow time in [0, 1] of each segment; 0 for `condition` segments.
@@ -127,7 +129,13 @@ class AVTransformer(nn.Module):
         key_mask: optional (B, N) bool, False on padding tokens nobody should attend to.
         Returns one entry per segment: the velocity (same shape as the input) for `generate`
         segments, None for `condition` segments.
+        stop_after_block: return instead the tokens (B, N, dim) after this block (0-based), without
+            running the later blocks or the heads: for a reader of intermediate features (the
+            distill critic's GAN head), which would otherwise pay for a whole forward.
         """
+        n_blocks = len(self.blocks)
+        if stop_after_block is not None and not 0 <= stop_after_block < n_blocks:
+            raise ValueError(f"stop_after_block={stop_after_block}: the model has blocks 0..{n_blocks - 1}")
         x = self._embed(inputs, layout)
         B, N = x.shape[:2]
         if timesteps.shape != (B, len(layout.segments)):
@@ -153,8 +161,10 @@ class AVTransformer(nn.Module):
             rope_sin=sin,
             attn_mask=attn_mask,
         )
-        for block in self.blocks:
+        for block in self.blocks[: n_blocks if stop_after_block is None else stop_after_block + 1]:
             x = block(x, ctx)
+        if stop_after_block is not None:
+            return x
         return self._outputs(x, layout, t_emb.unflatten(0, (B, -1)))
 
     def _embed(self, inputs, layout: SequenceLayout) -> torch.Tensor:

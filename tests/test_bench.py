@@ -47,10 +47,11 @@ def test_sample_bench_extrapolates_layers_on_cpu(tmp_path):
     (row,) = json.loads((tmp_path / f"sample_cpu_{result['date']}.json").read_text())["results"]
     assert result["extrapolated_from_depths"] == [3, 5]
     # tiny has 1 + 2 + 1 = 4 layers: one forward = t(3 layers) + 1 x (t(5) - t(3)) / 2
-    for name in ("student_forward", "teacher_cfg_forward"):
+    for name in ("student_forward", "uncond_forward"):
         t3, t5 = row[f"{name}_measured_s"]["3"], row[f"{name}_measured_s"]["5"]
         assert row[f"{name}_s"] == pytest.approx(t3 + (4 - 3) * (t5 - t3) / 2)
     assert row["student_8_steps_s"] == pytest.approx(8 * row["student_forward_s"])
+    assert row["teacher_cfg_forward_s"] == pytest.approx(row["student_forward_s"] + row["uncond_forward_s"])
     assert row["teacher_50_steps_cfg_s"] == pytest.approx(50 * row["teacher_cfg_forward_s"])
     # text 256 bytes + video 1+6 latent frames of 2x2 tokens + audio 22 latents
     assert row["tokens"] == 256 + 7 * 2 * 2 + 22

@@ -3,6 +3,7 @@ memory per GPU), the memory arithmetic, and the SLURM script launch/slurm.py wri
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from model import ModelArgs
 from train.cluster import ClusterConfig, check_launch, check_memory
 from train.config import ConfigError
-from train.memory import GIB, estimate_per_gpu
+from train.memory import GIB, TrainingSetup, estimate_distill_per_gpu, estimate_per_gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
@@ -24,16 +25,16 @@ TOKENS_5S_1080P = 63_000
 
 def test_memory_arithmetic_by_hand():
     n = 1_000_000_000
-    est = estimate_per_gpu(n, n_layers=10, dim=1000, tokens_per_micro_batch=1000, zero_stage=2, data_parallel=4,
-                           precision="bf16-mixed", ema=True, activation_checkpointing=True)
+    est = estimate_per_gpu(TrainingSetup(n, n_layers=10, dim=1000, tokens_per_micro_batch=1000, zero_stage=2, data_parallel=4,
+                                         precision="bf16-mixed", ema=True, activation_checkpointing=True))
     assert est.weights == pytest.approx(2 * n / GIB)  # replicated under stage 2
     assert est.gradients == pytest.approx(2 * n / 4 / GIB)
     assert est.optimizer == pytest.approx(12 * n / 4 / GIB)
     assert est.ema == pytest.approx(4 * n / GIB)  # follows the weights
     assert est.activations == pytest.approx((10 * 2 * 1000 * 1000 + 34 * 1000 * 1000) / GIB)
-    stage3 = estimate_per_gpu(n, 10, 1000, 1000, 3, 4)
+    stage3 = estimate_per_gpu(TrainingSetup(n, 10, 1000, 1000, 3, 4))
     assert stage3.weights == pytest.approx(est.weights / 4) and stage3.ema == pytest.approx(est.ema / 4)
-    fp32 = estimate_per_gpu(n, 10, 1000, 1000, 0, 1, precision="32-true", ema=False)
+    fp32 = estimate_per_gpu(TrainingSetup(n, 10, 1000, 1000, 0, 1, precision="32-true", ema=False))
     assert (fp32.weights, fp32.gradients, fp32.optimizer, fp32.ema) == pytest.approx((4 * n / GIB, 4 * n / GIB, 8 * n / GIB, 0))
 
 
@@ -42,14 +43,64 @@ def test_15b_on_64_h100_needs_zero3():
     EMA on every GPU, ZeRO-3 spreads them; with activation checkpointing a 5 s 1080p clip fits."""
     trainer = {"devices": 8, "num_nodes": 8}
     args = ModelArgs(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=4, n_shared=32, n_modality_out=4)
-    common = dict(n_params=HH15B, n_layers=args.n_layers, dim=args.dim, tokens=TOKENS_5S_1080P, trainer_cfg=trainer,
-                  precision="bf16-mixed", ema=True, activation_checkpointing=True)
+
+    def check(cluster, stage, checkpointing=True):
+        est = estimate_per_gpu(TrainingSetup(HH15B, args.n_layers, args.dim, TOKENS_5S_1080P, stage, 64, activation_checkpointing=checkpointing))
+        check_memory(cluster, est, "14.97B parameters", stage, TOKENS_5S_1080P, trainer)
+
     with pytest.raises(ConfigError, match=r"cluster=h100x64: 14.97B parameters with ZeRO-2 over 64 GPUs .* more than its 80 GB"):
-        check_memory(H100, zero_stage=2, **common)
-    check_memory(H100, zero_stage=3, **common)  # fits
+        check(H100, 2)
+    check(H100, 3)  # fits
     with pytest.raises(ConfigError, match="ZeRO-3"):  # ...but not without activation checkpointing
-        check_memory(H100, zero_stage=3, **{**common, "activation_checkpointing": False})
-    check_memory(ClusterConfig(name="local"), zero_stage=0, **common)  # gpu_memory_gb 0: not checked
+        check(H100, 3, checkpointing=False)
+    check(ClusterConfig(name="local"), 2)  # gpu_memory_gb 0: not checked
+
+
+def test_distill_memory_arithmetic_by_hand():
+    """Two trained networks (the student with its EMA, the critic) and the frozen teacher: 2 bytes
+    a parameter partitioned, 2 whole in DeepSpeed's bf16, 4 as Lightning's fp32 parameters."""
+    n, layers, dim, tokens = 1_000_000_000, 10, 1000, 1000
+    setup = TrainingSetup(n, layers, dim, tokens, zero_stage=3, data_parallel=4)
+    one = estimate_per_gpu(setup)
+    est = estimate_distill_per_gpu(setup)
+    assert (est.weights, est.gradients, est.optimizer) == pytest.approx((2 * one.weights, 2 * one.gradients, 2 * one.optimizer))
+    assert est.ema == pytest.approx(one.ema)  # the student's only
+    assert est.frozen == pytest.approx(2 * n / 4 / GIB)
+    # both trained networks keep their block inputs, plus the layer working now
+    assert est.activations == pytest.approx((2 * layers * 2 * tokens * dim + 34 * tokens * dim) / GIB)
+    assert estimate_distill_per_gpu(setup, teacher_partitioned=False).frozen == pytest.approx(2 * n / GIB)
+    assert estimate_distill_per_gpu(replace(setup, zero_stage=2)).frozen == pytest.approx(2 * n / GIB)
+    assert estimate_distill_per_gpu(replace(setup, zero_stage=0, data_parallel=1)).frozen == pytest.approx(4 * n / GIB)
+    offload = estimate_distill_per_gpu(replace(setup, offload_optimizer=True, offload_parameters=True))
+    assert (offload.optimizer, offload.weights, offload.frozen) == (0, 0, 0) and offload.ema == est.ema  # the EMA stays
+    whole = estimate_distill_per_gpu(replace(setup, activation_checkpointing=False))
+    assert whole.activations == pytest.approx((2 * layers * 34 * tokens * dim + 34 * tokens * dim) / GIB)
+    assert "frozen 0.5" in est.table() and "frozen" not in one.table()
+
+
+def test_distill_preset_memory_is_checked_before_start(tmp_path):
+    """`distill +cluster=h100x8 strategy=zero2` on the 15B model: two trained networks and the
+    teacher replicated cannot fit, and the message says so before any process starts
+    (accelerator=cpu: the GPU count check of the preset does not stop it first)."""
+    from train.checkpoint import describe, export_safetensors
+    from train.codec import PatchCodec
+
+    # A teacher file with the hh15b description and no tensors: the check reads only the description.
+    codec = PatchCodec()
+    fps, rate = 12.0, 8000  # the synthetic data's (conf/data/synthetic.yaml)
+    args = ModelArgs(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=4, n_shared=32, n_modality_out=4,
+                     text_input="bytes", video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
+                     audio_latents_per_video_frame=codec.audio_latents_per_video_frame(fps, rate))
+    teacher = export_safetensors(tmp_path / "teacher.safetensors", {}, describe(args, codec, fps, rate, 1, 64, (256, 1.0, 3.0)), 0, "raw")
+    out = subprocess.run(
+        [sys.executable, "-m", "train", "distill", "+cluster=h100x8", "strategy=zero2", f"teacher={teacher}", "trainer.accelerator=cpu",
+         "trainer.precision=bf16-mixed", "data.loader.batch_size=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cluster=h100x8: student + critic + teacher of ") and "with ZeRO-2 over 8 GPUs" in last, last
+    assert "frozen" in last
 
 
 def test_launch_checks_name_what_is_missing():

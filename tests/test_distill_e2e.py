@@ -12,7 +12,7 @@ import av
 import pytest
 import torch
 
-from tests.test_pretrain_e2e import FPS, ROOT, SECONDS, SR, metric, pretrain
+from tests.test_pretrain_e2e import FPS, ROOT, SECONDS, metric, pretrain, run_overrides
 from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture)
 from train.checkpoint import read_weights
 
@@ -26,14 +26,8 @@ def teacher(shards, tmp_path_factory):  # noqa: F811
 
 def distill_args(run_dir: Path, shards: Path, teacher: Path, max_steps: int, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "train", "distill", f"teacher={teacher}", f"hydra.run.dir={run_dir}",
-        "data.synthetic=null", f"data.loader.shards={shards}", f"data.loader.clip_seconds={SECONDS}",
-        f"data.loader.fps={FPS}", f"data.loader.sample_rate={SR}", "data.loader.buckets=[[1:1,16,16]]",
-        "data.loader.batch_size=2", "data.loader.num_workers=0",
-        f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "checkpoint_every_n_steps=2", "distill.critic_steps_per_generator_step=2",
-        "sample.steps=2", f"sample.seconds={SECONDS}", "sample.height=16", "sample.width=16",
-        *extra,
+        sys.executable, "-m", "train", "distill", f"teacher={teacher}", f"hydra.run.dir={run_dir}", *run_overrides(shards, max_steps),
+        "data.loader.num_workers=0", "distill.critic_steps_per_generator_step=2", *extra,
     ]
 
 

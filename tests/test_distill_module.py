@@ -116,3 +116,53 @@ def test_nan_teacher_skips_generator_updates_then_stops_naming_the_loss():
         module.teacher.heads["video"].proj.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"dm_loss NaN/inf at step 1: 2 generator updates in a row"):
         fit(module, 5)
+
+
+def test_gan_logits_alone_come_from_a_forward_that_stops_at_the_gan_layer():
+    """The GAN terms that need no velocity (real data; the generator's) stop the critic after block
+    gan_layer: the same logits and input gradients as the whole forward, without the later blocks."""
+    module = make_module()
+    critic = module.critic
+    assert critic.gan_layer < critic.args.n_layers - 1  # there are blocks to skip
+    batch = fixed_batch()
+    xs = [module.codec.encode_video(batch["video"]), module.codec.encode_audio(batch["audio"])]
+    t = torch.tensor([0.3, 0.8])[: xs[0].shape[0]]
+    ran = []
+    hooks = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(critic.net.blocks)]
+    grads, logits = [], []
+    for velocities in (True, False):
+        ran.clear()
+        x = [v.clone().requires_grad_(True) for v in xs]
+        preds, out = module.critic_features(x, t, batch["caption"], velocities=velocities)
+        out.sum().backward()
+        assert (preds is None) == (not velocities)
+        assert ran == list(range(critic.args.n_layers if velocities else critic.gan_layer + 1))
+        logits.append(out.detach())
+        grads.append([v.grad for v in x])
+    for h in hooks:
+        h.remove()
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=0)
+    for g_stop, g_full in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g_stop, g_full, rtol=1e-6, atol=1e-7)
+    assert grads[0][0].abs().sum() > 0
+
+
+def test_nan_critic_skips_its_updates_leaving_weights_and_optimizer_untouched():
+    """A NaN critic loss: the critic's step runs without gradients (AdamW skips them, state
+    included), so the iteration counts and nothing in the critic moves; then the run stops."""
+    module = make_module(critic_steps_per_generator_step=1, max_nonfinite_in_a_row=100)
+    with torch.no_grad():  # the critic's velocity head: its flow-matching loss (and the DM loss) turn NaN
+        module.critic.net.heads["video"].proj.bias.fill_(float("nan"))
+    initial = [p.detach().clone() for p in module.critic.parameters()]
+    rec, trainer = fit(module, 3)
+    assert trainer.global_step == 3
+    assert module.nonfinite == {"generator": 3, "critic": 3}
+    for p, p0 in zip(module.critic.parameters(), initial):
+        torch.testing.assert_close(p.detach(), p0, rtol=0, atol=0, equal_nan=True)
+    assert not trainer.optimizers[1].state  # no Adam moments were ever made
+
+    module = make_module(critic_steps_per_generator_step=5, max_nonfinite_in_a_row=2)
+    with torch.no_grad():
+        module.critic.net.heads["video"].proj.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"critic_loss NaN/inf at step 1: 2 critic updates in a row"):
+        fit(module, 5)

@@ -85,3 +85,22 @@ def test_model_flops_counts_each_forward_with_its_backward():
     counter.remove()
     holder["student"](inputs, layout, t)
     assert counter.total == 6 * fwd
+
+
+def test_a_forward_stopped_early_is_counted_as_what_ran():
+    """stop_after_block (the distill critic's GAN features): blocks up to it, no output head,
+    equal to PyTorch's count, and so counted by the throughput hook."""
+    from train.throughput import ModelFlops
+
+    model = AVTransformer(tiny_args())
+    inputs, layout, t = make_inputs(model, SEQUENCES["t2v+audio"])
+    counter = FlopCounterMode(display=False)
+    with attention_backends(("math",)), counter:
+        model(inputs, layout, t, stop_after_block=0)
+    assert counter.get_total_flops() == forward_flops(layout, batch=2, blocks=1) < forward_flops(layout, batch=2) / 2
+    hook = ModelFlops(model)
+    hook.counting = True
+    with torch.no_grad():
+        model(inputs, layout, t, stop_after_block=1)
+    assert hook.total == forward_flops(layout, batch=2, blocks=2)
+    hook.remove()

@@ -1,7 +1,5 @@
 """Flow-matching math, the sampler and guidance, against hand-computed references."""
 
-import math
-
 import pytest
 import torch
 
@@ -19,7 +17,7 @@ from train.flow import (
     velocity_target,
     weighted_loss,
 )
-from train.sampling import ClipSpec, Guidance, latent_noise, make_velocity_fn
+from train.sampling import ClipSpec, Guidance, generate, latent_noise, make_velocity_fn
 from train.sequence import build_sequence, segment_timesteps
 
 
@@ -154,7 +152,64 @@ def test_sequence_tasks_and_timesteps():
     assert roles == [("text", "condition"), ("video", "condition"), ("video", "generate"), ("audio", "generate")]
     t = segment_timesteps(seq, torch.tensor([0.3, 0.9]))
     assert t[:, seq.layout.span(1)].eq(0).all() and t[0, seq.layout.span(2)].eq(0.3).all()
-    assert seq.key_mask is not None and seq.key_mask[:, :3].all() and not seq.key_mask[:, 3:8].any()
+    # "a" is BOS a EOS, left-padded to 8: padding first, then the caption, then every other token
+    assert seq.key_mask is not None and not seq.key_mask[:, :5].any() and seq.key_mask[:, 5:].all()
     assert seq.targets == {2: "video", 3: "audio"}
     with pytest.raises(ValueError, match="task='v2a'"):
         build_sequence(model.args, ["a"], 8, video[:1], None, task="v2a")
+
+
+def test_trimmed_captions_give_the_same_velocities_without_a_mask():
+    """Left padding keeps a caption's tokens where they are whatever the padded length, so the
+    sampler can cut the text to the captions' own length: the same velocities, and at batch 1 no
+    key mask at all (cuDNN attention's fast path)."""
+    model = tiny_model()
+    video, audio = torch.randn(2, 48, 4, 4, 4), torch.randn(2, 160, 8)
+    t = torch.tensor([0.3, 0.8])
+    for captions in (["a red ball"], ["a red ball", "hum"]):
+        b = len(captions)
+        padded = build_sequence(model.args, captions, 32, video[:b], audio[:b])
+        trimmed = build_sequence(model.args, captions, 32, video[:b], audio[:b], trim_text=True)
+        assert padded.layout.segments[0].shape == (32,) and trimmed.layout.segments[0].shape == (12,)  # BOS + 10 bytes + EOS
+        assert (trimmed.key_mask is None) == (b == 1) and padded.key_mask is not None
+        want = model(padded.inputs, padded.layout, segment_timesteps(padded, t[:b]), padded.key_mask)
+        got = model(trimmed.inputs, trimmed.layout, segment_timesteps(trimmed, t[:b]), trimmed.key_mask)
+        for i in padded.targets:
+            torch.testing.assert_close(got[i], want[i], rtol=1e-5, atol=1e-6)
+    # a caption longer than text_len is still cut to text_len
+    assert build_sequence(model.args, ["x" * 100], 32, video[:1], audio[:1], trim_text=True).layout.segments[0].shape == (32,)
+
+
+def test_guided_sampler_runs_cond_and_uncond_apart_without_masks():
+    model = tiny_model()
+    codec = PatchCodec()
+    spec = ClipSpec.from_seconds(0.5, 12, 16, 16, 8000)
+    xs = latent_noise(codec, spec, [3], "cpu")
+    masks = []
+    hook = model.register_forward_pre_hook(lambda m, args: masks.append(args[3]))
+    batched = make_velocity_fn(model, ["a red ball"], 16, Guidance(3.0, 2.0))(xs, 0.6)
+    assert len(masks) == 1 and masks[0] is not None  # cond + uncond in one batch: the empty caption is padded
+    masks.clear()
+    apart = make_velocity_fn(model, ["a red ball"], 16, Guidance(3.0, 2.0), trim_text=True)(xs, 0.6)
+    assert masks == [None, None]
+    masks.clear()
+    generate(model, codec, ["a red ball"], [0], spec, 2, Guidance(3.0, 2.0), 16)  # what `train sample` runs
+    assert len(masks) == 4 and all(m is None for m in masks)
+    hook.remove()
+    for a, b in zip(apart, batched):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_right_padded_models_of_older_files_keep_their_padding():
+    """A checkpoint written before ModelArgs.text_padding existed was trained on right-padded
+    captions: it loads as such, and trimming (exact only on the left) leaves its text alone."""
+    from dataclasses import asdict
+
+    from train.checkpoint import model_args
+
+    meta = {"model": {k: v for k, v in asdict(tiny_model().args).items() if k != "text_padding"}}
+    old = model_args(meta)
+    assert old.text_padding == "right"
+    seq = build_sequence(old, ["ab"], 8, torch.randn(1, 48, 4, 4, 4), None, trim_text=True)
+    assert seq.inputs[0][0, :4].tolist() == [257, 97, 98, 258] and seq.key_mask[0, :8].tolist() == [True] * 4 + [False] * 4
+    assert model_args({"model": asdict(tiny_model().args)}).text_padding == "left"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pretrain_e2e import ROOT, losses, shards  # noqa: F401  (module fixture)
+from tests.test_pretrain_e2e import ROOT, losses, run_overrides, shards  # noqa: F401  (module fixture)
 from train.checkpoint import read_weights
 
 STEPS = 30
@@ -21,12 +21,8 @@ STEPS = 30
 
 def args(run_dir: Path, shards: Path) -> list[str]:  # noqa: F811
     return [
-        sys.executable, "-m", "train", "pretrain", f"hydra.run.dir={run_dir}",
-        "data.synthetic=null", f"data.loader.shards={shards}", "data.loader.clip_seconds=1.0", "data.loader.fps=8",
-        "data.loader.sample_rate=8000", "data.loader.buckets=[[1:1,16,16]]", "data.loader.batch_size=2",
-        "data.loader.num_workers=0", "codec.video_pool=true", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2", "sample.steps=2", "sample.seconds=1.0",
-        "sample.height=16", "sample.width=16",
+        sys.executable, "-m", "train", "pretrain", f"hydra.run.dir={run_dir}", *run_overrides(shards, STEPS),
+        "data.loader.num_workers=0", "codec.video_pool=true",
     ]
 
 

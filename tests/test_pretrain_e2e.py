@@ -25,16 +25,23 @@ def shards(tmp_path_factory):
     return out
 
 
-def pretrain(run_dir: Path, shards: Path, max_steps: int, *extra: str):
-    args = [
-        sys.executable, "-m", "train", "pretrain", f"hydra.run.dir={run_dir}",
+def run_overrides(shards: Path, max_steps: int) -> list[str]:
+    """The overrides every end-to-end test's run starts from (pretrain, distill, ZeRO, preemption,
+    SLURM): the tiny synthetic shards as 16x16 clips of 1 s, 2 a batch, a log line every step, a
+    checkpoint every 2, samples of 2 steps."""
+    return [
         "data.synthetic=null", f"data.loader.shards={shards}", f"data.loader.clip_seconds={SECONDS}",
         f"data.loader.fps={FPS}", f"data.loader.sample_rate={SR}", "data.loader.buckets=[[1:1,16,16]]",
-        "data.loader.batch_size=2", "data.loader.num_workers=0",
-        f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "checkpoint_every_n_steps=2", "optimizer.warmup_steps=2",
+        "data.loader.batch_size=2", f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2",
         "sample.steps=2", f"sample.seconds={SECONDS}", "sample.height=16", "sample.width=16",
-        *extra,
+    ]
+
+
+def pretrain(run_dir: Path, shards: Path, max_steps: int, *extra: str):
+    args = [
+        sys.executable, "-m", "train", "pretrain", f"hydra.run.dir={run_dir}", *run_overrides(shards, max_steps),
+        "data.loader.num_workers=0", "optimizer.warmup_steps=2", *extra,
     ]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**_env(), "WANDB_MODE": "offline"})
     assert out.returncode == 0, out.stderr[-3000:]

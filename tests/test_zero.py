@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pretrain_e2e import ROOT, losses
+from tests.test_pretrain_e2e import ROOT, losses, run_overrides
 from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture: 4 shards, for 2 ranks)
 from train.checkpoint import read_weights
 
@@ -19,13 +19,8 @@ pytest.importorskip("deepspeed")
 
 def pretrain(run_dir: Path, shards: Path, max_steps: int, *extra: str):  # noqa: F811
     args = [
-        sys.executable, "-m", "train", "pretrain", f"hydra.run.dir={run_dir}",
-        "data.synthetic=null", f"data.loader.shards={shards}", "data.loader.clip_seconds=1.0", "data.loader.fps=8",
-        "data.loader.sample_rate=8000", "data.loader.buckets=[[1:1,16,16]]", "data.loader.batch_size=2",
-        "data.loader.num_workers=0", "codec.video_pool=true", "logger.mode=disabled",
-        f"trainer.max_steps={max_steps}", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
-        "checkpoint_every_n_steps=2", "sample.steps=2", "sample.seconds=1.0", "sample.height=16", "sample.width=16",
-        *extra,
+        sys.executable, "-m", "train", "pretrain", f"hydra.run.dir={run_dir}", *run_overrides(shards, max_steps),
+        "data.loader.num_workers=0", "codec.video_pool=true", "logger.mode=disabled", *extra,
     ]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert out.returncode == 0, out.stderr[-4000:]

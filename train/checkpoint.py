@@ -36,6 +36,12 @@ def describe(args: ModelArgs, codec: PatchCodec, fps: float, sample_rate: int, a
     }
 
 
+def model_args(meta: dict) -> ModelArgs:
+    """The ModelArgs a checkpoint's model was trained with. Files written before
+    ModelArgs.text_padding existed padded captions on the right."""
+    return ModelArgs(**{"text_padding": "right", **meta["model"]})
+
+
 def export_safetensors(path, weights: dict[str, torch.Tensor], meta: dict, step: int, source: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +159,6 @@ def load_into(model: AVTransformer, weights: Mapping[str, torch.Tensor], source:
 
 def load_generator(path, device="cpu") -> tuple[AVTransformer, PatchCodec, dict, int]:
     weights, meta, step = read_weights(path)
-    model = AVTransformer(ModelArgs(**meta["model"]))
+    model = AVTransformer(model_args(meta))
     load_into(model, weights, f"ckpt={str(path)!r}")
     return model.to(device).eval(), PatchCodec(**meta["codec"]), meta, step

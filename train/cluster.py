@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from train.config import ConfigError, _require
-from train.memory import estimate_per_gpu
+from train.memory import MemoryEstimate
 
 SLURM_VARS = ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_JOB_NODELIST")
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -73,17 +73,15 @@ def check_launch(cluster: ClusterConfig, trainer_cfg: dict, environ=os.environ) 
             )
 
 
-def check_memory(cluster: ClusterConfig, n_params: int, n_layers: int, dim: int, tokens: int, zero_stage: int,
-                 trainer_cfg: dict, precision: str, ema: bool, activation_checkpointing: bool) -> None:
-    """The estimated memory per GPU fits cluster.gpu_memory_gb (no check when it is 0)."""
-    if cluster.gpu_memory_gb <= 0:
+def check_memory(cluster: ClusterConfig, est: MemoryEstimate, what: str, zero_stage: int, tokens: int, trainer_cfg: dict) -> None:
+    """The estimated memory per GPU (train/memory.py) fits cluster.gpu_memory_gb (no check when it
+    is 0). what: the networks, e.g. "14.97B parameters" or "student + critic + teacher of 14.97B"."""
+    if cluster.gpu_memory_gb <= 0 or est.total <= cluster.gpu_memory_gb:
         return
-    est = estimate_per_gpu(n_params, n_layers, dim, tokens, zero_stage, world_size(trainer_cfg), precision, ema, activation_checkpointing)
-    if est.total > cluster.gpu_memory_gb:
-        stage = f"ZeRO-{zero_stage}" if zero_stage else "no ZeRO"
-        raise ConfigError(
-            f"cluster={cluster.name}: {n_params / 1e9:.2f}B parameters with {stage} over {world_size(trainer_cfg)} GPUs and "
-            f"{tokens} tokens per micro-batch need about {est.total:.0f} GiB per GPU ({est.table()}), more than its "
-            f"{cluster.gpu_memory_gb:g} GB: use strategy=zero3, activation_checkpointing=full, more GPUs or a smaller "
-            "data.loader.batch_size / clip"
-        )
+    stage = f"ZeRO-{zero_stage}" if zero_stage else "no ZeRO"
+    raise ConfigError(
+        f"cluster={cluster.name}: {what} with {stage} over {world_size(trainer_cfg)} GPUs and "
+        f"{tokens} tokens per micro-batch need about {est.total:.0f} GiB per GPU ({est.table()}), more than its "
+        f"{cluster.gpu_memory_gb:g} GB: use strategy=zero3, activation_checkpointing=full, more GPUs, "
+        "strategy.offload_optimizer=true (optimizer states in CPU memory) or a smaller data.loader.batch_size / clip"
+    )

@@ -33,7 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from model import AVTransformer, ModelArgs
+from model import AVTransformer
 from train.callbacks import write_samples
 from train.codec import PatchCodec
 from train.config import DistillConfig, OptimConfig, RunConfig
@@ -54,7 +54,7 @@ from train.dmd import (
 from train.ema import EMA
 from train.flow import add_noise, shift_for_tokens
 from train.parallelize import apply_activation_checkpointing, apply_compile
-from train.checkpoint import export_weights, load_into
+from train.checkpoint import export_weights, load_into, model_args
 from train.pretrain import adamw, build_model, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
@@ -92,10 +92,16 @@ class Critic(torch.nn.Module):
         self.net, self.head, self.gan_layer = net, head, gan_layer
         self.args = net.args
 
-    def forward(self, inputs, layout, timesteps, key_mask=None, head_mask=None):
-        """head_mask: (B, N) bool, the tokens the head pools over; None: velocities only."""
+    def forward(self, inputs, layout, timesteps, key_mask=None, head_mask=None, velocities=True):
+        """head_mask: (B, N) bool, the tokens the head pools over; None: velocities only.
+        velocities=False: the logits alone, from a forward that stops after block gan_layer (the
+        GAN terms on real data and of the generator need no velocity: half the critic's forward,
+        and the activations of the blocks after gan_layer are never made)."""
         if head_mask is None:
             return self.net(inputs, layout, timesteps, key_mask)
+        if not velocities:
+            tokens = self.net(inputs, layout, timesteps, key_mask, stop_after_block=self.gan_layer)
+            return self.head(tokens.float(), head_mask)
         with capture_output(self.net.blocks[self.gan_layer]) as box:
             preds = self.net(inputs, layout, timesteps, key_mask)
         return preds, self.head(box["out"].float(), head_mask)
@@ -129,7 +135,7 @@ class DistillModule(L.LightningModule):
         self.codec = codec
         self.cfg, self.optim_student, self.optim_critic, self.run = distill, optim_student, optim_critic, run
         self.meta = meta  # the teacher's description + {"student": {...}}: what `sample` needs
-        self.args = ModelArgs(**meta["model"])
+        self.args = model_args(meta)
         self.gan_layer = self.args.n_layers // 2 if distill.gan_layer is None else distill.gan_layer
         if not 0 <= self.gan_layer < self.args.n_layers:
             raise ValueError(f"distill.gan_layer={distill.gan_layer}: the model has blocks 0..{self.args.n_layers - 1}")
@@ -237,12 +243,16 @@ class DistillModule(L.LightningModule):
     def velocity(self, net: AVTransformer, captions, guidance: Guidance = Guidance()):
         return make_velocity_fn(net, captions, self.text_len, guidance)
 
-    def critic_features(self, xs, t, captions):
-        """One critic forward: (velocities [video, audio], GAN-head logits). The head reads the
-        tokens of block gan_layer, pooled over the generated (video + audio) tokens only."""
+    def critic_features(self, xs, t, captions, velocities: bool = True):
+        """One critic forward: (velocities [video, audio] or None, GAN-head logits). The head reads
+        the tokens of block gan_layer, pooled over the generated (video + audio) tokens only;
+        velocities=False stops the forward there."""
         seq = build_sequence(self.critic.args, captions, self.text_len, xs[0], xs[1])
         generated = seq.layout.expand(torch.stack([t.new_full(t.shape, s.role == "generate") for s in seq.layout.segments], 1)).bool()
-        preds, logits = self.critic(seq.inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask, head_mask=generated)
+        inputs = (seq.inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask)
+        if not velocities:
+            return None, self.critic(*inputs, head_mask=generated, velocities=False)
+        preds, logits = self.critic(*inputs, head_mask=generated)
         return [preds[i] for i in sorted(seq.targets)], logits
 
     def student_timesteps(self, n_tokens: int) -> torch.Tensor:
@@ -299,7 +309,7 @@ class DistillModule(L.LightningModule):
             if cfg.gan_generator_weight > 0:
                 t_gan = dm_timesteps(B, cfg.dm_t_min, cfg.dm_t_max, shift, g, self.device)
                 noised = [add_noise(x, e, t_gan) for x, e in zip(fake, noise_like(fake, g))]
-                losses["gan_generator"] = gan_generator_loss(self.critic_features(noised, t_gan, captions)[1])
+                losses["gan_generator"] = gan_generator_loss(self.critic_features(noised, t_gan, captions, velocities=False)[1])
             total = dm + cfg.gan_generator_weight * losses.get("gan_generator", 0.0)
             stats = {**stats, **{k: v.detach() for k, v in losses.items()}}
             if self._all_finite("generator", losses):
@@ -330,7 +340,7 @@ class DistillModule(L.LightningModule):
             losses = {"critic_loss": fm}
             if cfg.gan_critic_weight > 0:
                 noised_real = [add_noise(x, e, t) for x, e in zip(real, noise_like(real, g))]
-                logits["real"] = self.critic_features(noised_real, t, captions)[1]
+                logits["real"] = self.critic_features(noised_real, t, captions, velocities=False)[1]
                 losses["gan_critic"] = gan_discriminator_loss(logits["real"], logits["fake"])
                 stats.update(gan_accuracy(logits["real"], logits["fake"]))
             total = fm + cfg.gan_critic_weight * losses.get("gan_critic", 0.0)

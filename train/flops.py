@@ -27,17 +27,19 @@ def block_matmul_params(args: ModelArgs) -> int:
     return params
 
 
-def forward_flops(layout: SequenceLayout, batch: int = 1) -> float:
-    """FLOPs of one forward of the model over `batch` samples of `layout`."""
+def forward_flops(layout: SequenceLayout, batch: int = 1, blocks: int | None = None) -> float:
+    """FLOPs of one forward of the model over `batch` samples of `layout`. blocks: a forward that
+    stops after this many blocks and runs no output head (AVTransformer's stop_after_block + 1)."""
     a = layout.args
     d, n = a.dim, layout.n_tokens
+    n_blocks = a.n_layers if blocks is None else blocks
     # a text token's input: a byte lookup (no matmul) or a feature projection
     patch = {**a.patch_dims, "text": 0 if a.text_input == "bytes" else a.text_feature_dim}
-    per_sample = 2 * n * a.n_layers * block_matmul_params(a) + 4 * a.n_layers * n * n * d
+    per_sample = 2 * n * n_blocks * block_matmul_params(a) + 4 * n_blocks * n * n * d
     per_sample += 2 * (a.time_freq_dim * d + d * d + 6 * d * d) * len(layout.segments)
     for seg, length in zip(layout.segments, layout.lengths):
         per_sample += 2 * length * patch[seg.modality] * d
-        if seg.role == "generate":
+        if seg.role == "generate" and blocks is None:
             per_sample += 2 * length * d * patch[seg.modality] + 2 * d * 2 * d
     return float(batch * per_sample)
 

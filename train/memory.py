@@ -10,9 +10,20 @@ stage 2 also the gradients, stage 3 also the weights; our EMA follows the weight
 stages 1-2, partitioned under stage 3). Activations of a transformer layer, per token, are about
 34 x dim bytes in bf16 (Korthikanti et al. 2022, with flash attention: no s^2 term); activation
 checkpointing keeps one dim-wide bf16 tensor per layer and recomputes one layer at a time.
+DeepSpeed's offload moves the optimizer states (offload_optimizer) or the stage-3 weight
+partitions (offload_parameters) to CPU memory; our EMA stays on the GPU.
+
+The distill stage trains two networks of the teacher's size (student with its EMA, critic) next
+to the frozen teacher, whose weights are partitioned (ZeRO-3, distill.teacher_partitioned), a
+whole copy in the compute dtype (DeepSpeed's bf16: 2 bytes), or, without ZeRO, Lightning's fp32
+parameters under bf16-mixed (4 bytes). Its generator update keeps the activations of both trained
+networks (the GAN term backpropagates through the critic into the student). The guided teacher
+runs cond + uncond, twice the tokens, under no_grad: one layer at a time, and a layer that keeps
+nothing for a backward needs about half the bytes per token, so its working set is about one
+recomputed training layer's.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 1024**3
 ACTIVATION_BYTES_PER_TOKEN_PER_DIM = 34
@@ -26,48 +37,97 @@ class MemoryEstimate:
     optimizer: float
     ema: float
     activations: float
+    frozen: float = 0.0  # networks without gradients (the distill stage's teacher)
     overhead: float = OVERHEAD_GIB
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.ema + self.activations + self.overhead
+        return self.weights + self.gradients + self.optimizer + self.ema + self.activations + self.frozen + self.overhead
 
     def table(self) -> str:
-        parts = ("weights", "gradients", "optimizer", "ema", "activations", "overhead")
+        parts = ("weights", "gradients", "optimizer", "ema", "activations") + (("frozen",) if self.frozen else ()) + ("overhead",)
         return ", ".join(f"{p} {getattr(self, p):.1f}" for p in parts) + f" = {self.total:.1f} GiB"
 
 
-def estimate_per_gpu(
-    n_params: int,
-    n_layers: int,
-    dim: int,
-    tokens_per_micro_batch: int,
-    zero_stage: int,
-    data_parallel: int,
-    precision: str = "bf16-mixed",
-    ema: bool = True,
-    activation_checkpointing: bool = True,
-) -> MemoryEstimate:
-    """zero_stage 0: no ZeRO (DDP or one device)."""
-    if precision.startswith("bf16") or precision.startswith("16"):
-        weight_b, grad_b, optim_b = 2, 2, 12  # optimizer: fp32 master + two moments
-    else:
-        weight_b, grad_b, optim_b = 4, 4, 8
+def _mixed(precision: str) -> bool:
+    return precision.startswith("bf16") or precision.startswith("16")
+
+
+def _trained_state(n_params: int, zero_stage: int, data_parallel: int, precision: str, offload_optimizer: bool,
+                   offload_parameters: bool) -> tuple[float, float, float]:
+    """GiB per GPU of one trained network's (weights, gradients, optimizer states)."""
+    weight_b, grad_b, optim_b = (2, 2, 12) if _mixed(precision) else (4, 4, 8)  # bf16: fp32 master + two moments
     n = max(1, data_parallel)
-    per = {  # divisor per state kind, by stage
-        "weights": n if zero_stage >= 3 else 1,
-        "gradients": n if zero_stage >= 2 else 1,
-        "optimizer": n if zero_stage >= 1 else 1,
-    }
-    act_per_layer = ACTIVATION_BYTES_PER_TOKEN_PER_DIM * tokens_per_micro_batch * dim
-    if activation_checkpointing:
-        activations = n_layers * 2 * tokens_per_micro_batch * dim + act_per_layer
-    else:
-        activations = n_layers * act_per_layer
+    return (
+        0.0 if offload_parameters else n_params * weight_b / (n if zero_stage >= 3 else 1) / GIB,
+        n_params * grad_b / (n if zero_stage >= 2 else 1) / GIB,
+        0.0 if offload_optimizer else n_params * optim_b / (n if zero_stage >= 1 else 1) / GIB,
+    )
+
+
+def _layer_activations(tokens: int, dim: int) -> float:
+    """Bytes one layer keeps for its backward."""
+    return ACTIVATION_BYTES_PER_TOKEN_PER_DIM * tokens * dim
+
+
+def _trained_activations(n_layers: int, dim: int, tokens: int, activation_checkpointing: bool) -> float:
+    """Bytes a network that trains keeps for its backward: each block's input with checkpointing,
+    every activation without."""
+    per_layer = 2 * tokens * dim if activation_checkpointing else _layer_activations(tokens, dim)
+    return n_layers * per_layer
+
+
+@dataclass
+class TrainingSetup:
+    """What the memory per GPU depends on. n_params: one network's parameters. zero_stage 0: no
+    ZeRO (DDP or one device)."""
+
+    n_params: int
+    n_layers: int
+    dim: int
+    tokens_per_micro_batch: int
+    zero_stage: int
+    data_parallel: int
+    precision: str = "bf16-mixed"
+    ema: bool = True
+    activation_checkpointing: bool = True
+    offload_optimizer: bool = False
+    offload_parameters: bool = False
+
+
+def estimate_per_gpu(s: TrainingSetup) -> MemoryEstimate:
+    """Pretraining: one trained network (with its EMA)."""
+    weights, gradients, optimizer = _trained_state(s.n_params, s.zero_stage, s.data_parallel, s.precision, s.offload_optimizer, s.offload_parameters)
+    activations = _trained_activations(s.n_layers, s.dim, s.tokens_per_micro_batch, s.activation_checkpointing)
+    if s.activation_checkpointing:
+        activations += _layer_activations(s.tokens_per_micro_batch, s.dim)  # the block being recomputed
     return MemoryEstimate(
-        weights=n_params * weight_b / per["weights"] / GIB,
-        gradients=n_params * grad_b / per["gradients"] / GIB,
-        optimizer=n_params * optim_b / per["optimizer"] / GIB,
-        ema=(n_params * 4 / per["weights"] / GIB) if ema else 0.0,
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        ema=(s.n_params * 4 / (max(1, s.data_parallel) if s.zero_stage >= 3 else 1) / GIB) if s.ema else 0.0,
         activations=activations / GIB,
+    )
+
+
+def estimate_distill_per_gpu(s: TrainingSetup, teacher_partitioned: bool = True) -> MemoryEstimate:
+    """Distillation: student (+ EMA) and critic trained, the teacher frozen, each of s.n_params
+    (the GAN head's few parameters are left out)."""
+    one = estimate_per_gpu(replace(s, activation_checkpointing=False))  # its states; activations below
+    n = max(1, s.data_parallel)
+    if s.zero_stage >= 3 and teacher_partitioned:
+        frozen_b = 0 if s.offload_parameters else (2 if _mixed(s.precision) else 4) / n
+    elif s.zero_stage >= 1:
+        frozen_b = 2 if _mixed(s.precision) else 4  # DeepSpeed: a whole copy in the compute dtype
+    else:
+        frozen_b = 2 if s.precision == "bf16-true" else 4  # Lightning keeps fp32 parameters under *-mixed
+    activations = 2 * _trained_activations(s.n_layers, s.dim, s.tokens_per_micro_batch, s.activation_checkpointing)
+    activations += _layer_activations(s.tokens_per_micro_batch, s.dim)  # the layer working now (see above)
+    return MemoryEstimate(
+        weights=2 * one.weights,
+        gradients=2 * one.gradients,
+        optimizer=2 * one.optimizer,
+        ema=one.ema,
+        activations=activations / GIB,
+        frozen=s.n_params * frozen_b / GIB,
     )

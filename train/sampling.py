@@ -55,28 +55,31 @@ def latent_noise(codec: PatchCodec, spec: ClipSpec, seeds: list[int], device) ->
     return [torch.stack([noise[i] for noise in per_seed]).to(device) for i in range(len(shapes))]
 
 
-def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, guidance: Guidance):
-    """A velocity(xs, t) over [video, audio] latents: one batched forward (cond + uncond when
-    guided). t is a float (euler_sample) or a (B,) tensor (train/dmd.py's callables)."""
+def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, guidance: Guidance, trim_text: bool = False):
+    """A velocity(xs, t) over [video, audio] latents. t is a float (euler_sample) or a (B,) tensor
+    (train/dmd.py's callables). Guided, cond and uncond run as one batched forward; with
+    trim_text (build_sequence) as two, each with its captions cut to their own length, so neither
+    needs a padding mask (the empty caption is 2 tokens, the prompt many)."""
     b = len(captions)
+
+    def forward(prompts, video, audio, tb) -> list[torch.Tensor]:
+        seq = build_sequence(model.args, prompts, text_len, video, audio, task="t2v", trim_text=trim_text)
+        preds = model(seq.inputs, seq.layout, segment_timesteps(seq, tb), seq.key_mask)
+        return [preds[i] for i in sorted(seq.targets)]  # video first, then audio
 
     def velocity(xs: list[torch.Tensor], t: float | torch.Tensor) -> list[torch.Tensor]:
         video, audio = xs[0], (xs[1] if len(xs) > 1 else None)
         tb = t.to(video.device) if torch.is_tensor(t) else torch.full((b,), t, device=video.device)
-        prompts = list(captions)
-        if guidance.active:
-            prompts += [""] * b
-            video = torch.cat([video, video])
-            audio = torch.cat([audio, audio]) if audio is not None else None
-            tb = torch.cat([tb, tb])
-        seq = build_sequence(model.args, prompts, text_len, video, audio, task="t2v")
-        ts = segment_timesteps(seq, tb)
-        preds = model(seq.inputs, seq.layout, ts, seq.key_mask)
-        outs = [preds[i] for i in sorted(seq.targets)]  # video first, then audio
         if not guidance.active:
-            return outs
+            return forward(captions, video, audio, tb)
+        if trim_text:
+            cond, uncond = forward(captions, video, audio, tb), forward([""] * b, video, audio, tb)
+        else:
+            two = lambda x: torch.cat([x, x]) if x is not None else None  # noqa: E731
+            outs = forward(list(captions) + [""] * b, two(video), two(audio), two(tb))
+            cond, uncond = [o[:b] for o in outs], [o[b:] for o in outs]
         scales = [guidance.video, guidance.audio]
-        return [cfg_combine(o[:b], o[b:], s) for o, s in zip(outs, scales)]
+        return [cfg_combine(c, u, s) for c, u, s in zip(cond, uncond, scales)]
 
     return velocity
 
@@ -109,7 +112,7 @@ def generate(
     if shift is None:
         n_tokens = sequence_length(model.args, text_len, noise[0].shape[1:], noise[1].shape[1:] if len(noise) > 1 else None)
         shift = shift_for_tokens(n_tokens, *flow_shift_args) if flow_shift_args else 1.0
-    velocity = make_velocity_fn(model, captions, text_len, guidance)
+    velocity = make_velocity_fn(model, captions, text_len, guidance, trim_text=True)
     if student is None:
         latents = euler_sample(velocity, noise, sampling_schedule(steps, shift))
     else:

@@ -31,8 +31,16 @@ def build_sequence(
     video: torch.Tensor,
     audio: torch.Tensor | None,
     task: str = "t2v",
+    trim_text: bool = False,
 ) -> AVSequence:
-    """video (B, C, T, H, W) latents; audio (B, C, T) latents or None."""
+    """video (B, C, T, H, W) latents; audio (B, C, T) latents or None.
+
+    trim_text: cut the text segment to the batch's longest caption (at most text_len), so a batch
+    of one has no padding and no key mask: cuDNN attention runs a third faster without a mask
+    (docs/performance.md). Exact only with left padding (ModelArgs.text_padding), where the real
+    tokens keep their positions; ignored for right-padded models. The sampler trims (its layout is
+    fixed over all steps); training does not, so every step has the same shapes (one compiled
+    graph)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}: choose one of {', '.join(TASKS)}")
     if args.text_input != "bytes":
@@ -40,7 +48,10 @@ def build_sequence(
             "model.text_input='features' needs precomputed text features (latent shards), which this "
             "pipeline does not provide yet; use text_input='bytes'"
         )
-    ids, text_mask = encode_bytes(captions, text_len)
+    ids, text_mask = encode_bytes(captions, text_len, args.text_padding)
+    if trim_text and args.text_padding == "left":
+        text_len = int(text_mask.sum(dim=1).max())
+        ids, text_mask = ids[:, -text_len:], text_mask[:, -text_len:]
     padded = not bool(text_mask.all())  # asked on the host copy: on the GPU it would be a sync
     # non_blocking: a blocking host-to-device copy synchronises the stream (the step stalls)
     ids, text_mask = ids.to(video.device, non_blocking=True), text_mask.to(video.device, non_blocking=True)

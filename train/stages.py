@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from train.config import ConfigError, DistillConfig, FlowConfig, OptimConfig, RunConfig, SampleConfig
 
@@ -119,7 +119,7 @@ def run_pretrain(cfg: DictConfig) -> None:
     codec = instantiate(cfg.codec)
     model_cfg = fill_model_from_codec(cfg.model, codec, loader_cfg.fps, loader_cfg.sample_rate)
 
-    check_cluster(cfg, model_cfg, codec, loader_cfg, flow.text_len, run)
+    check_cluster(cfg, lambda: instantiate(model_cfg), codec, loader_cfg, flow.text_len, run)
     set_cpu_threads(loader_cfg.num_workers)
     L.seed_everything(run.seed, workers=True, verbose=False)
     with torch.device("meta"):  # the arguments and description only: the module builds the model
@@ -129,11 +129,14 @@ def run_pretrain(cfg: DictConfig) -> None:
     fit(cfg, module, run, sample, loader_cfg, trainer_overrides={})
 
 
-def check_cluster(cfg: DictConfig, model_cfg: DictConfig, codec, loader_cfg, text_len: int, run: RunConfig) -> None:
+def check_cluster(cfg: DictConfig, build_model, codec, loader_cfg, text_len: int, run: RunConfig, distill: DistillConfig | None = None) -> None:
     """The cluster preset against this machine and the model, before any process group exists:
-    GPUs, launcher variables, and the memory per GPU estimated on a meta-device copy of the model."""
+    GPUs, launcher variables, and the memory per GPU estimated on a meta-device copy of the model
+    (build_model(): the network; distill: the distill stage's settings, which train three of them
+    at once, or None for pretraining)."""
     from model import count_parameters
-    from train.cluster import ClusterConfig, check_launch, check_memory
+    from train.cluster import ClusterConfig, check_launch, check_memory, world_size
+    from train.memory import TrainingSetup, estimate_distill_per_gpu, estimate_per_gpu
     from train.sequence import tokens_per_sample
     from train.strategy import StrategyConfig
 
@@ -143,17 +146,25 @@ def check_cluster(cfg: DictConfig, model_cfg: DictConfig, codec, loader_cfg, tex
     if cluster.gpu_memory_gb <= 0:
         return
     with torch.device("meta"):
-        probe = instantiate(model_cfg)
-    tokens = max(
+        probe = build_model()
+    tokens = loader_cfg.batch_size * max(
         tokens_per_sample(probe.args, codec, loader_cfg.clip_seconds, loader_cfg.fps, loader_cfg.sample_rate, h, w, text_len)
         for _, h, w in loader_cfg.buckets
     )
     strategy = to_object(StrategyConfig, cfg.strategy, "strategy")
-    check_memory(
-        cluster, count_parameters(probe), probe.args.n_layers, probe.args.dim, tokens * loader_cfg.batch_size,
-        strategy.stage if strategy.name == "zero" else 0, trainer_cfg, resolve_precision(trainer_cfg.get("precision", "auto")),
-        run.ema_decay > 0, run.activation_checkpointing == "full",  # selective keeps ~all: counted as none
+    zero = strategy.name == "zero"
+    setup = TrainingSetup(
+        count_parameters(probe), probe.args.n_layers, probe.args.dim, tokens, strategy.stage if zero else 0, world_size(trainer_cfg),
+        resolve_precision(trainer_cfg.get("precision", "auto")), ema=run.ema_decay > 0,
+        activation_checkpointing=run.activation_checkpointing == "full",  # selective keeps ~all: counted as none
+        offload_optimizer=zero and strategy.offload_optimizer, offload_parameters=zero and strategy.offload_parameters,
     )
+    billions = f"{setup.n_params / 1e9:.2f}B parameters"
+    if distill is None:
+        est, what = estimate_per_gpu(setup), billions
+    else:
+        est, what = estimate_distill_per_gpu(setup, distill.teacher_partitioned), f"student + critic + teacher of {billions} each"
+    check_memory(cluster, est, what, setup.zero_stage, tokens, trainer_cfg)
 
 
 def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cfg, trainer_overrides: dict,
@@ -284,21 +295,19 @@ def run_distill(cfg: DictConfig) -> None:
     trainer_cfg = cfg.trainer
     if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")
-    from train.cluster import ClusterConfig, check_launch
-
-    check_launch(to_object(ClusterConfig, cfg.get("cluster"), "cluster"), OmegaConf.to_container(trainer_cfg, resolve=True))
 
     import lightning as L
 
-    from model import AVTransformer, ModelArgs
-    from train.checkpoint import check_fits, load_into, read_weights
+    from model import AVTransformer
+    from train.checkpoint import check_fits, load_into, model_args, read_weights
     from train.codec import PatchCodec
     from train.distill import DistillModule
 
-    # Under ZeRO-3 the module builds student and critic (and a partitioned teacher) itself, each
-    # partitioned as it is built, reading the teacher's tensors one at a time on rank 0.
+    # Read lazily: the description now, each tensor when a network is filled with it (under ZeRO-3
+    # the module builds student, critic and a partitioned teacher itself, each partitioned as it is
+    # built, and rank 0 alone reads the tensors).
     zero3 = cfg.strategy.name == "zero" and int(cfg.strategy.get("stage", 2)) == 3
-    weights, teacher_meta, teacher_step = read_weights(cfg.teacher, option="teacher", lazy=zero3)
+    weights, teacher_meta, teacher_step = read_weights(cfg.teacher, option="teacher", lazy=True)
     if "student" in teacher_meta:
         raise ConfigError(f"teacher={cfg.teacher!r} is a distilled student, not a flow-matching teacher")
     codec = PatchCodec(**teacher_meta["codec"])
@@ -309,12 +318,15 @@ def run_distill(cfg: DictConfig) -> None:
                 f"data.loader.{key}={value} but the teacher was trained at {key}={teacher_meta['data'][key]}; "
                 "distill on data at the teacher's rates"
             )
+    teacher_args = model_args(teacher_meta)
     if cfg.get("model") is not None:  # an explicit architecture must fit the teacher's weights
         model_cfg = fill_model_from_codec(cfg.model, codec, loader_cfg.fps, loader_cfg.sample_rate)
+        with open_dict(model_cfg):  # how the teacher reads captions: not a choice
+            model_cfg.text_padding = teacher_args.text_padding
         build = lambda: instantiate(model_cfg)  # noqa: E731
     else:
-        args = ModelArgs(**teacher_meta["model"])
-        build = lambda: AVTransformer(args)  # noqa: E731
+        build = lambda: AVTransformer(teacher_args)  # noqa: E731
+    check_cluster(cfg, build, codec, loader_cfg, teacher_meta["text_len"], run, distill)
 
     set_cpu_threads(loader_cfg.num_workers)
     L.seed_everything(run.seed, workers=True, verbose=False)
