@@ -179,3 +179,17 @@ def fit_one(module, batch):
     module.training_step(batch, 0)
     module.log = log
     return {k.removeprefix("train/loss_"): v for k, v in logged.items() if k.startswith("train/loss_")}, logged
+
+
+def test_resuming_a_run_that_padded_captions_on_the_right_asks_to_keep_it():
+    """Checkpoints from before ModelArgs.text_padding have none in their description: such a run
+    padded on the right, and resuming it with left padding would move every caption's tokens."""
+    from train.config import ConfigError
+
+    module = make_module()
+    old = {k: v for k, v in module.meta["model"].items() if k != "text_padding"}
+    with pytest.raises(ConfigError, match=r"right-padded captions but model.text_padding='left'; resume it with model.text_padding=right"):
+        module.on_load_checkpoint({"avgen": {**module.meta, "model": old}})
+    module.on_load_checkpoint({"avgen": module.meta})  # the same padding: resumes
+    right = PretrainModule(dataclasses.replace(module.model_args, text_padding="right"), module.codec, module.flow, module.optim, module.run, module.meta)
+    right.on_load_checkpoint({"avgen": {**module.meta, "model": old}})

@@ -17,7 +17,9 @@ The distill stage trains two networks of the teacher's size (student with its EM
 to the frozen teacher, whose weights are partitioned (ZeRO-3, distill.teacher_partitioned), a
 whole copy in the compute dtype (DeepSpeed's bf16: 2 bytes), or, without ZeRO, Lightning's fp32
 parameters under bf16-mixed (4 bytes). Its generator update keeps the activations of both trained
-networks (the GAN term backpropagates through the critic into the student). The guided teacher
+networks (the GAN term backpropagates through the critic into the student; counted as the whole
+critic, an upper bound: that forward stops after the GAN layer), and the critic update keeps the
+critic's twice (fake clips whole, real clips up to the GAN layer). The guided teacher
 runs cond + uncond, twice the tokens, under no_grad: one layer at a time, and a layer that keeps
 nothing for a backward needs about half the bytes per token, so its working set is about one
 recomputed training layer's.
@@ -118,7 +120,7 @@ def estimate_distill_per_gpu(s: TrainingSetup, teacher_partitioned: bool = True)
     if s.zero_stage >= 3 and teacher_partitioned:
         frozen_b = 0 if s.offload_parameters else (2 if _mixed(s.precision) else 4) / n
     elif s.zero_stage >= 1:
-        frozen_b = 2 if _mixed(s.precision) else 4  # DeepSpeed: a whole copy in the compute dtype
+        frozen_b = 2 if s.precision.startswith("bf16") else 4  # a whole copy, cast to bf16 only (train/strategy.py)
     else:
         frozen_b = 2 if s.precision == "bf16-true" else 4  # Lightning keeps fp32 parameters under *-mixed
     activations = 2 * _trained_activations(s.n_layers, s.dim, s.tokens_per_micro_batch, s.activation_checkpointing)

@@ -14,9 +14,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from model import AVTransformer, ModelArgs
 from train.callbacks import write_samples
-from train.checkpoint import export_weights
+from train.checkpoint import export_weights, model_args
 from train.codec import PatchCodec
-from train.config import FlowConfig, OptimConfig, RunConfig
+from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
@@ -187,6 +187,14 @@ class PretrainModule(L.LightningModule):
             checkpoint["ema"] = self.ema.state_dict()
 
     def on_load_checkpoint(self, checkpoint):
+        # A run continues reading captions as it started: runs begun before left padding existed
+        # (no text_padding in their description) padded on the right.
+        started = model_args(checkpoint["avgen"]).text_padding if "avgen" in checkpoint else self.model_args.text_padding
+        if started != self.model_args.text_padding:
+            raise ConfigError(
+                f"resume: this run was trained on {started}-padded captions but model.text_padding="
+                f"{self.model_args.text_padding!r}; resume it with model.text_padding={started}"
+            )
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
 

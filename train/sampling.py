@@ -59,8 +59,10 @@ def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, g
     """A velocity(xs, t) over [video, audio] latents. t is a float (euler_sample) or a (B,) tensor
     (train/dmd.py's callables). Guided, cond and uncond run as one batched forward; with
     trim_text (build_sequence) as two, each with its captions cut to their own length, so neither
-    needs a padding mask (the empty caption is 2 tokens, the prompt many)."""
+    needs a padding mask (the empty caption is 2 tokens, the prompt many). Right-padded models
+    (older files) cannot be trimmed and keep the one batched forward."""
     b = len(captions)
+    trim_text = trim_text and model.args.text_padding == "left"
 
     def forward(prompts, video, audio, tb) -> list[torch.Tensor]:
         seq = build_sequence(model.args, prompts, text_len, video, audio, task="t2v", trim_text=trim_text)

@@ -36,8 +36,8 @@ def build_sequence(
     """video (B, C, T, H, W) latents; audio (B, C, T) latents or None.
 
     trim_text: cut the text segment to the batch's longest caption (at most text_len), so a batch
-    of one has no padding and no key mask: cuDNN attention runs a third faster without a mask
-    (docs/performance.md). Exact only with left padding (ModelArgs.text_padding), where the real
+    of one has no padding and no key mask (a mask costs cuDNN attention a third of its speed,
+    docs/performance.md). Exact only with left padding (ModelArgs.text_padding), where the real
     tokens keep their positions; ignored for right-padded models. The sampler trims (its layout is
     fixed over all steps); training does not, so every step has the same shapes (one compiled
     graph)."""
