@@ -65,13 +65,14 @@ def test_sbatch_train_preempt_requeue_resume(slurm, shards, tmp_path):  # noqa: 
         time.sleep(0.2)
     sh(slurm, "scancel", "--signal=USR1", job)  # what --signal=USR1@<s> does before the time limit
 
-    # Done when slurmctld reports the job ended after at least one restart. (Asking whether it has
-    # left squeue's list was flaky: a busy slurmctld answered nothing for seconds while requeueing.)
+    # Done when the job's second run has started (its log line) and slurmctld reports the job
+    # ended. Neither alone will do: while requeueing, the job briefly leaves squeue's list and
+    # scontrol shows it in an ended state, with its restart already counted (both seen here).
     while True:
         assert time.time() < deadline, log.read_text()[-3000:]
         info = job_info(slurm, job)
         restarts = int(info.get("Restarts", "0"))
-        if info.get("JobState") in ENDED and restarts >= 1:
+        if f"job {job} restart 1" in log.read_text() and info.get("JobState") in ENDED:
             break
         if info.get("JobState") == "PENDING" and restarts >= 1:
             # SLURM holds a requeued batch job back for a while (BeginTime); no need to wait here
