@@ -33,7 +33,7 @@ from model import ModelArgs, count_parameters  # noqa: E402
 from train.codec import PatchCodec  # noqa: E402
 from train.config import FlowConfig, OptimConfig, RunConfig  # noqa: E402
 from train.flops import H100_BF16_DENSE_FLOPS  # noqa: E402
-from train.parallelize import attention_backends  # noqa: E402
+from train.parallelize import AC_MODES, DEFAULT_ATTENTION_ORDER, attention_backends  # noqa: E402
 from train.pretrain import PretrainModule  # noqa: E402
 from train.sequence import tokens_per_sample  # noqa: E402
 from train.throughput import ModelFlops  # noqa: E402
@@ -173,9 +173,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--ac", choices=("none", "full", "selective"), default="none")
+    p.add_argument("--ac", choices=AC_MODES, default="none")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--attention", nargs="+", default=["cudnn", "flash", "efficient", "math"])
+    p.add_argument("--attention", nargs="+", default=list(DEFAULT_ATTENTION_ORDER))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="", help="suffix of the result file name")

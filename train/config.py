@@ -4,7 +4,7 @@ raises ConfigError naming the option, the value and what is allowed."""
 
 from dataclasses import dataclass, field
 
-from train.parallelize import AC_MODES, ATTENTION_BACKENDS
+from train.parallelize import AC_MODES, ATTENTION_BACKENDS, DEFAULT_ATTENTION_ORDER
 
 
 class ConfigError(ValueError):
@@ -101,7 +101,7 @@ class RunConfig:
     # elementwise ops); true/false mean full/none.
     activation_checkpointing: str = "none"
     # Scaled-dot-product-attention kernels in priority order (train/parallelize.py).
-    attention_backends: list[str] = field(default_factory=lambda: ["cudnn", "flash", "efficient", "math"])
+    attention_backends: list[str] = field(default_factory=lambda: list(DEFAULT_ATTENTION_ORDER))
     compile: bool = False
     checkpoint_every_n_steps: int = 100
     resume: str | None = None  # a .ckpt path, "auto" (last checkpoint in run_dir if any) or None

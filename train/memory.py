@@ -25,7 +25,7 @@ nothing for a backward needs about half the bytes per token, so its working set 
 recomputed training layer's.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 GIB = 1024**3
 ACTIVATION_BYTES_PER_TOKEN_PER_DIM = 34
@@ -53,18 +53,6 @@ class MemoryEstimate:
 
 def _mixed(precision: str) -> bool:
     return precision.startswith("bf16") or precision.startswith("16")
-
-
-def _trained_state(n_params: int, zero_stage: int, data_parallel: int, precision: str, offload_optimizer: bool,
-                   offload_parameters: bool) -> tuple[float, float, float]:
-    """GiB per GPU of one trained network's (weights, gradients, optimizer states)."""
-    weight_b, grad_b, optim_b = (2, 2, 12) if _mixed(precision) else (4, 4, 8)  # bf16: fp32 master + two moments
-    n = max(1, data_parallel)
-    return (
-        0.0 if offload_parameters else n_params * weight_b / (n if zero_stage >= 3 else 1) / GIB,
-        n_params * grad_b / (n if zero_stage >= 2 else 1) / GIB,
-        0.0 if offload_optimizer else n_params * optim_b / (n if zero_stage >= 1 else 1) / GIB,
-    )
 
 
 def _layer_activations(tokens: int, dim: int) -> float:
@@ -97,25 +85,31 @@ class TrainingSetup:
     offload_parameters: bool = False
 
 
+def _trained_state(s: TrainingSetup) -> dict[str, float]:
+    """GiB per GPU of one trained network's weights, gradients and optimizer states, and of its
+    EMA (which follows the weights: whole under stages 1-2, partitioned under stage 3)."""
+    weight_b, grad_b, optim_b = (2, 2, 12) if _mixed(s.precision) else (4, 4, 8)  # bf16: fp32 master + two moments
+    n = max(1, s.data_parallel)
+    return {
+        "weights": 0.0 if s.offload_parameters else s.n_params * weight_b / (n if s.zero_stage >= 3 else 1) / GIB,
+        "gradients": s.n_params * grad_b / (n if s.zero_stage >= 2 else 1) / GIB,
+        "optimizer": 0.0 if s.offload_optimizer else s.n_params * optim_b / (n if s.zero_stage >= 1 else 1) / GIB,
+        "ema": s.n_params * 4 / (n if s.zero_stage >= 3 else 1) / GIB if s.ema else 0.0,
+    }
+
+
 def estimate_per_gpu(s: TrainingSetup) -> MemoryEstimate:
     """Pretraining: one trained network (with its EMA)."""
-    weights, gradients, optimizer = _trained_state(s.n_params, s.zero_stage, s.data_parallel, s.precision, s.offload_optimizer, s.offload_parameters)
     activations = _trained_activations(s.n_layers, s.dim, s.tokens_per_micro_batch, s.activation_checkpointing)
     if s.activation_checkpointing:
         activations += _layer_activations(s.tokens_per_micro_batch, s.dim)  # the block being recomputed
-    return MemoryEstimate(
-        weights=weights,
-        gradients=gradients,
-        optimizer=optimizer,
-        ema=(s.n_params * 4 / (max(1, s.data_parallel) if s.zero_stage >= 3 else 1) / GIB) if s.ema else 0.0,
-        activations=activations / GIB,
-    )
+    return MemoryEstimate(**_trained_state(s), activations=activations / GIB)
 
 
 def estimate_distill_per_gpu(s: TrainingSetup, teacher_partitioned: bool = True) -> MemoryEstimate:
     """Distillation: student (+ EMA) and critic trained, the teacher frozen, each of s.n_params
     (the GAN head's few parameters are left out)."""
-    one = estimate_per_gpu(replace(s, activation_checkpointing=False))  # its states; activations below
+    one = _trained_state(s)  # the student's; the critic's the same without an EMA
     n = max(1, s.data_parallel)
     if s.zero_stage >= 3 and teacher_partitioned:
         frozen_b = 0 if s.offload_parameters else (2 if _mixed(s.precision) else 4) / n
@@ -126,10 +120,10 @@ def estimate_distill_per_gpu(s: TrainingSetup, teacher_partitioned: bool = True)
     activations = 2 * _trained_activations(s.n_layers, s.dim, s.tokens_per_micro_batch, s.activation_checkpointing)
     activations += _layer_activations(s.tokens_per_micro_batch, s.dim)  # the layer working now (see above)
     return MemoryEstimate(
-        weights=2 * one.weights,
-        gradients=2 * one.gradients,
-        optimizer=2 * one.optimizer,
-        ema=one.ema,
+        weights=2 * one["weights"],
+        gradients=2 * one["gradients"],
+        optimizer=2 * one["optimizer"],
+        ema=one["ema"],
         activations=activations / GIB,
         frozen=s.n_params * frozen_b / GIB,
     )

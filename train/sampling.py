@@ -14,7 +14,7 @@ from model import AVTransformer
 from train.codec import PatchCodec
 from train.dmd import student_sample
 from train.flow import cfg_combine, euler_sample, sampling_schedule, shift_for_tokens
-from train.sequence import build_sequence, segment_timesteps, sequence_length
+from train.sequence import build_sequence, can_trim_text, segment_timesteps, sequence_length
 
 
 @dataclass
@@ -62,7 +62,7 @@ def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, g
     needs a padding mask (the empty caption is 2 tokens, the prompt many). Right-padded models
     (older files) cannot be trimmed and keep the one batched forward."""
     b = len(captions)
-    trim_text = trim_text and model.args.text_padding == "left"
+    trim_text = trim_text and can_trim_text(model.args)
 
     def forward(prompts, video, audio, tb) -> list[torch.Tensor]:
         seq = build_sequence(model.args, prompts, text_len, video, audio, task="t2v", trim_text=trim_text)

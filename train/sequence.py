@@ -49,7 +49,7 @@ def build_sequence(
             "pipeline does not provide yet; use text_input='bytes'"
         )
     ids, text_mask = encode_bytes(captions, text_len, args.text_padding)
-    if trim_text and args.text_padding == "left":
+    if trim_text and can_trim_text(args):
         text_len = int(text_mask.sum(dim=1).max())
         ids, text_mask = ids[:, -text_len:], text_mask[:, -text_len:]
     padded = not bool(text_mask.all())  # asked on the host copy: on the GPU it would be a sync
@@ -77,6 +77,12 @@ def build_sequence(
         key_mask = torch.cat([text_mask, rest], dim=1)
     targets = {i: s.modality for i, s in enumerate(layout.segments) if s.role == "generate"}
     return AVSequence(layout, inputs, key_mask, targets)
+
+
+def can_trim_text(args: ModelArgs) -> bool:
+    """Whether captions cut to their own length give what the padded, masked ones give: only when
+    they are padded on the left (ModelArgs.text_padding), so the real tokens keep their positions."""
+    return args.text_padding == "left"
 
 
 def segment_timesteps(seq: AVSequence, t: torch.Tensor) -> torch.Tensor:

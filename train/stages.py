@@ -119,21 +119,22 @@ def run_pretrain(cfg: DictConfig) -> None:
     codec = instantiate(cfg.codec)
     model_cfg = fill_model_from_codec(cfg.model, codec, loader_cfg.fps, loader_cfg.sample_rate)
 
-    check_cluster(cfg, lambda: instantiate(model_cfg), codec, loader_cfg, flow.text_len, run)
+    with torch.device("meta"):  # for the checks and the description: the module builds the model
+        probe = instantiate(model_cfg)
+    check_cluster(cfg, probe, codec, loader_cfg, flow.text_len, run)
     set_cpu_threads(loader_cfg.num_workers)
     L.seed_everything(run.seed, workers=True, verbose=False)
-    with torch.device("meta"):  # the arguments and description only: the module builds the model
-        args = instantiate(model_cfg).args
+    args = probe.args
     meta = describe(args, codec, loader_cfg.fps, loader_cfg.sample_rate, loader_cfg.audio_channels, flow.text_len, flow.shift_args)
     module = PretrainModule(args, codec, flow, optim, run, meta)
     fit(cfg, module, run, sample, loader_cfg, trainer_overrides={})
 
 
-def check_cluster(cfg: DictConfig, build_model, codec, loader_cfg, text_len: int, run: RunConfig, distill: DistillConfig | None = None) -> None:
+def check_cluster(cfg: DictConfig, probe, codec, loader_cfg, text_len: int, run: RunConfig, distill: DistillConfig | None = None) -> None:
     """The cluster preset against this machine and the model, before any process group exists:
-    GPUs, launcher variables, and the memory per GPU estimated on a meta-device copy of the model
-    (build_model(): the network; distill: the distill stage's settings, which train three of them
-    at once, or None for pretraining)."""
+    GPUs, launcher variables, and the memory per GPU estimated from `probe`, a meta-device copy
+    of the network (distill: the distill stage's settings, which train two such networks next to
+    the teacher, or None for pretraining)."""
     from model import count_parameters
     from train.cluster import ClusterConfig, check_launch, check_memory, world_size
     from train.memory import TrainingSetup, estimate_distill_per_gpu, estimate_per_gpu
@@ -145,8 +146,6 @@ def check_cluster(cfg: DictConfig, build_model, codec, loader_cfg, text_len: int
     check_launch(cluster, trainer_cfg)
     if cluster.gpu_memory_gb <= 0:
         return
-    with torch.device("meta"):
-        probe = build_model()
     tokens = loader_cfg.batch_size * max(
         tokens_per_sample(probe.args, codec, loader_cfg.clip_seconds, loader_cfg.fps, loader_cfg.sample_rate, h, w, text_len)
         for _, h, w in loader_cfg.buckets
@@ -326,14 +325,14 @@ def run_distill(cfg: DictConfig) -> None:
         build = lambda: instantiate(model_cfg)  # noqa: E731
     else:
         build = lambda: AVTransformer(teacher_args)  # noqa: E731
-    check_cluster(cfg, build, codec, loader_cfg, teacher_meta["text_len"], run, distill)
+    with torch.device("meta"):
+        probe = build()
+    check_cluster(cfg, probe, codec, loader_cfg, teacher_meta["text_len"], run, distill)
 
     set_cpu_threads(loader_cfg.num_workers)
     L.seed_everything(run.seed, workers=True, verbose=False)
     source = f"teacher={str(cfg.teacher)!r}"
     if zero3:
-        with torch.device("meta"):
-            probe = build()
         check_fits(probe, weights, source)  # now, not once the processes are up
         args, student, critic = probe.args, None, None
         teacher = None if distill.teacher_partitioned else build()
