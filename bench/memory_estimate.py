@@ -35,10 +35,12 @@ def main() -> dict:
         for preset, gpus in GPUS.items():
             for stage in (2, 3):
                 for tokens_name, tokens in TOKENS.items():
-                    for checkpointing in (True, False):
-                        est = estimate(TrainingSetup(n, args.n_layers, args.dim, tokens, stage, gpus, activation_checkpointing=checkpointing))
+                    # offload: DeepSpeed's optimizer states in CPU memory (what one node needs to distil)
+                    for checkpointing, offload in ((True, False), (False, False), (True, True)):
+                        est = estimate(TrainingSetup(n, args.n_layers, args.dim, tokens, stage, gpus, activation_checkpointing=checkpointing,
+                                                     offload_optimizer=offload))
                         rows.append({"stage": training, "preset": preset, "gpus": gpus, "zero_stage": stage, "tokens": tokens_name,
-                                     "activation_checkpointing": checkpointing,
+                                     "activation_checkpointing": checkpointing, "offload_optimizer": offload,
                                      **{k: round(getattr(est, k), 1) for k in ("weights", "gradients", "optimizer", "ema", "activations", "frozen", "overhead", "total")}})
     result = {"what": "estimated GiB per GPU, hh15b, bf16-mixed, AdamW, fp32 EMA (train/memory.py); distill: student (+ EMA) "
                       "and critic trained, the teacher frozen (partitioned under ZeRO-3, a bf16 copy under ZeRO-2)", "parameters": n,
@@ -49,6 +51,7 @@ def main() -> dict:
     print(f"hh15b: {n / 1e9:.2f}B parameters; GiB per GPU (estimate)")
     for r in rows:
         print(f"{r['stage']:8} {r['preset']:8} ZeRO-{r['zero_stage']} {r['tokens']:24} AC={'on ' if r['activation_checkpointing'] else 'off'} "
+              f"offload={'on ' if r['offload_optimizer'] else 'off'} "
               f"weights {r['weights']:5.1f} grads {r['gradients']:5.1f} optim {r['optimizer']:5.1f} ema {r['ema']:5.1f} "
               f"act {r['activations']:6.1f} frozen {r['frozen']:5.1f} total {r['total']:6.1f}")
     print(f"wrote {out}")
