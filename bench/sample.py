@@ -16,7 +16,8 @@ fixed (embeddings, heads, timestep MLP) + 40 x per-layer time, with per-layer = 
 (k2 - k1). Modality and shared blocks do the same work per token (a token meets one weight set),
 so one per-layer time serves both. VAE decoding is not included. Forwards run in bf16 under
 torch.inference_mode with the attention order of training (cuDNN first), compiled per block with
---compile. Writes bench/results/sample_<device>_<date>.{json,md}.
+--compile. Writes bench/results/sample_<device>_<date>.{json,md}, rewritten after each clip (a run
+stopped early keeps the clips it finished: order --clips by priority).
 """
 
 import argparse
@@ -119,7 +120,14 @@ def main(argv=None) -> dict:
         models = {n_layers: build(cfg, device, args.compile)}
     else:
         models = {k + 2: build(cfg, device, args.compile, n_modality_in=1, n_shared=k, n_modality_out=1) for k in args.depths}
-    rows = []
+    how = "whole model" if args.full else f"extrapolated from {sorted(models)} layers"
+    result = {"benchmark": "sample", **describe(device, ["bench/sample.py", *(sys.argv[1:] if argv is None else argv)]),
+              "preset": args.preset, "layers": n_layers, "extrapolated_from_depths": None if args.full else sorted(models),
+              "compile": args.compile, "latents": {"vae_spatial": VAE_SPATIAL, "vae_temporal": VAE_TEMPORAL, "video_fps": VIDEO_FPS,
+                                                   "audio_latent_hz": AUDIO_LATENT_HZ, "text_tokens": TEXT_TOKENS},
+              "results": []}
+    rows, stem = result["results"], f"sample_{slug(device)}_{result['date']}{args.tag}"
+    title = f"{args.preset}, {n_layers} layers ({how}), bf16, compile={args.compile}"
     with attention_backends():
         for clip in args.clips:
             width, height, seconds = (float(x) for x in clip.split("x"))
@@ -145,19 +153,16 @@ def main(argv=None) -> dict:
             row["forward_tflops_per_s"] = flops / row["student_forward_s"] / 1e12
             rows.append(row)
             print(row, file=sys.stderr)
-    result = {"benchmark": "sample", **describe(device, ["bench/sample.py", *(sys.argv[1:] if argv is None else argv)]),
-              "preset": args.preset, "layers": n_layers, "extrapolated_from_depths": None if args.full else sorted(models),
-              "compile": args.compile, "latents": {"vae_spatial": VAE_SPATIAL, "vae_temporal": VAE_TEMPORAL, "video_fps": VIDEO_FPS,
-                                                   "audio_latent_hz": AUDIO_LATENT_HZ, "text_tokens": TEXT_TOKENS},
-              "results": rows}
-    how = "whole model" if args.full else f"extrapolated from {sorted(models)} layers"
-    lines = [f"{args.preset}, {n_layers} layers ({how}), bf16, compile={args.compile}", "",
-             "| clip | tokens | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |", "| --- | --- | --- | --- | --- | --- |"]
+            write(result, args.out, stem, table(rows, title))
+    return result
+
+
+def table(rows: list[dict], title: str) -> str:
+    lines = [title, "", "| clip | tokens | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['clip']} | {r['tokens']} | {r['student_forward_s']:.4g} | {r['forward_tflops_per_s']:.4g} | "
                      f"{r['student_8_steps_s']:.4g} | {r['teacher_50_steps_cfg_s']:.4g} |")
-    write(result, args.out, f"sample_{slug(device)}_{result['date']}{args.tag}", "\n".join(lines))
-    return result
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,22 @@
 update, run by a `lightning.Trainer` exactly as `python -m train pretrain` runs it. Only the data
 loader is replaced by one fixed, pinned batch (bench/data_throughput.py measures decoding).
 
-    # H100: the proxy (hh15b width and heads, 1 + 6 + 1 layers, text/video/audio), 16K and 32K tokens
+    # H100: the proxy (hh15b width and heads, 1 + 4 + 1 layers, text/video/audio), 16K and 32K tokens
     python bench/train_step.py --preset proxy --tokens 16384 32768 --compile --ac none
+    # the same step with and without the text padding mask (the cost of padded captions)
+    python bench/train_step.py --preset proxy --tokens 16384 --compile --text padded full
     # CPU, the tiny model (what the tests run)
     python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 1
 
+Captions: "padded" is a 49-token caption in the 64-token text segment, so every attention has a
+key mask, as in training on captions of varying length; "full" fills the segment, so there is no
+mask (what cutting the text to the caption would give at one clip per GPU).
+
 Reports per case: step time (median of the timed steps; the device is synchronised around each
-step by the timer only), tokens/s, model TFLOP/s (train/flops.py: 3 x forward matmuls and
+step by the timer only), the first step's time (compilation included), tokens/s, model TFLOP/s (train/flops.py: 3 x forward matmuls and
 attention, no recompute) and MFU against 989 TFLOP/s, peak memory; writes
-bench/results/train_step_<device>_<date>.{json,md}.
+bench/results/train_step_<device>_<date>.{json,md}, rewritten after each case (a run stopped
+early keeps the cases it finished).
 """
 
 import argparse
@@ -30,6 +37,7 @@ import lightning as L  # noqa: E402
 
 from bench.environment import describe, slug, write  # noqa: E402
 from model import ModelArgs, count_parameters  # noqa: E402
+from model.text import encode_bytes  # noqa: E402
 from train.codec import PatchCodec  # noqa: E402
 from train.config import FlowConfig, OptimConfig, RunConfig  # noqa: E402
 from train.flops import H100_BF16_DENSE_FLOPS  # noqa: E402
@@ -40,10 +48,18 @@ from train.throughput import ModelFlops  # noqa: E402
 
 REFERENCE_BLOCK_TFLOPS = 595.1  # ../shared/bench: one compiled d=5120 block, 16K tokens, H100
 FPS, SAMPLE_RATE, TEXT_LEN = 25, 16000, 64  # 16 frames = 0.64 s = 10240 samples = 160 audio latents
+CAPTIONS = {  # BOS + bytes + EOS in TEXT_LEN tokens
+    "padded": "a red circle bounces off the floor with a click",  # 49 tokens: 15 padding, a key mask
+    "full": "a red circle bounces off the floor with a click, then rolls aw",  # 64 tokens: no mask
+}
 
 PRESETS = {
     # hh15b's width, heads, MLP and gate; modality layers for text/video/audio as in t2v training.
-    "proxy": dict(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=1, n_shared=6, n_modality_out=1,
+    # 1 + 4 + 1 layers, 2.6B parameters (a modality layer holds one weight set per modality): the
+    # weights, gradients, AdamW states and EMA (20 bytes a parameter, 48 GiB) and the activations of
+    # 16K tokens without recompute (<= 16 GiB, train/memory.py) fit an H100; 1 + 6 + 1 layers (3.0B,
+    # 56 GiB + 21 GiB) would not.
+    "proxy": dict(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=1, n_shared=4, n_modality_out=1,
                   modalities=("text", "video", "audio")),
     "tiny": dict(dim=32, n_heads=4, n_kv_heads=2, mlp_hidden=64, n_modality_in=1, n_shared=1, n_modality_out=1,
                  modalities=("text", "video", "audio")),
@@ -71,7 +87,7 @@ class StepTimer(L.Callback):
     synchronised on both sides; FLOPs counted by the same hook as training's perf/mfu."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.times, self.flops = warmup, [], []
+        self.warmup, self.times, self.flops, self.first_step_s = warmup, [], [], None
 
     def on_train_start(self, trainer, module):  # after configure_model has built the model
         self.counter = ModelFlops(module)
@@ -90,12 +106,15 @@ class StepTimer(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         self._sync(module)
         self.counter.counting = False
+        elapsed = time.perf_counter() - self.start
+        if batch_idx == 0:
+            self.first_step_s = elapsed
         if batch_idx >= self.warmup:
-            self.times.append(time.perf_counter() - self.start)
+            self.times.append(elapsed)
             self.flops.append(self.counter.total)
 
 
-def run_case(args, tokens_target: int, device: torch.device) -> dict:
+def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
     codec = PatchCodec(**CODEC)
     margs = ModelArgs(**PRESETS[args.preset], video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
                       video_patch=(1, 2, 2), audio_patch=1, text_input="bytes",
@@ -109,7 +128,7 @@ def run_case(args, tokens_target: int, device: torch.device) -> dict:
         "video": torch.rand(args.batch, 3, frames, h, w, generator=g) * 2 - 1,
         "audio": (torch.rand(args.batch, 1, samples, generator=g) * 2 - 1) * 0.3,
         "audio_mask": torch.ones(args.batch, samples, dtype=torch.bool),
-        "caption": ["a red circle bounces off the floor with a click"] * args.batch,
+        "caption": [CAPTIONS[text]] * args.batch,
     }
     if device.type == "cuda":
         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -137,8 +156,9 @@ def run_case(args, tokens_target: int, device: torch.device) -> dict:
     row = {
         "preset": args.preset, "params": count_parameters(module.model), "layers": margs.n_layers, "dim": margs.dim,
         "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
+        "text": text, "key_mask": not bool(encode_bytes([CAPTIONS[text]], TEXT_LEN)[1].all()),
         "activation_checkpointing": args.ac, "compile": args.compile, "attention": args.attention,
-        "steps_timed": len(timer.times), "step_s": step_s, "step_s_min": min(timer.times),
+        "steps_timed": len(timer.times), "step_s": step_s, "step_s_min": min(timer.times), "first_step_s": timer.first_step_s,
         "tokens_per_s": args.batch * tokens / step_s, "model_flops_per_step": flops,
         "model_tflops_per_s": float(f"{flops / step_s / 1e12:.4g}"),
         # against the H100's dense bf16 peak and the reference block: meaningless on a CPU
@@ -153,14 +173,15 @@ def run_case(args, tokens_target: int, device: torch.device) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | layers | tokens | AC | compile | step s | tokens/s | model TFLOP/s | MFU (989) | of ref. block | peak GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| preset | layers | tokens | text | AC | compile | step s | first step s | tokens/s | model TFLOP/s | MFU (989) | of ref. block | peak GB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['layers']} | {r['batch']} x {r['tokens_per_sample']} | {r['activation_checkpointing']} | "
-                     f"{r['compile']} | {r['step_s']:.4f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.3g} | "
+        mask = "key mask" if r["key_mask"] else "no mask"
+        lines.append(f"| {r['preset']} | {r['layers']} | {r['batch']} x {r['tokens_per_sample']} | {r['text']} ({mask}) | "
+                     f"{r['activation_checkpointing']} | {r['compile']} | {r['step_s']:.4f} | {r['first_step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.3g} | "
                      f"{pct(r['mfu'])} | {pct(r['of_reference_block'])} | {r['peak_memory_gb'] or '-'} |")
     return "\n".join(lines)
 
@@ -173,6 +194,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--text", choices=CAPTIONS, nargs="+", default=["padded"], help="caption variants (each token count runs each)")
     p.add_argument("--ac", choices=AC_MODES, default="none")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--attention", nargs="+", default=list(DEFAULT_ATTENTION_ORDER))
@@ -181,11 +203,13 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default="", help="suffix of the result file name")
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    rows = [run_case(args, n, device) for n in args.tokens]
     result = {"benchmark": "train_step", **describe(device, ["bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
-              "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": REFERENCE_BLOCK_TFLOPS, "results": rows}
+              "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": REFERENCE_BLOCK_TFLOPS, "results": []}
     stem = f"train_step_{slug(device)}_{result['date']}{args.tag}"
-    write(result, args.out, stem, table(rows))
+    for n in args.tokens:
+        for text in args.text:
+            result["results"].append(run_case(args, n, text, device))
+            write(result, args.out, stem, table(result["results"]))
     return result
 
 

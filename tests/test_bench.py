@@ -16,17 +16,21 @@ from train.flops import train_flops  # noqa: E402
 
 
 def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
-    result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "1",
+    result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "1", "--text", "padded", "full",
                               "--ac", "selective", "--device", "cpu", "--out", str(tmp_path)])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"train_step_cpu_{result['date']}.json", f"train_step_cpu_{result['date']}.md"]
     saved = json.loads((tmp_path / files[0]).read_text())
     assert saved["command"].startswith("python bench/train_step.py --preset tiny") and saved["versions"]["torch"]
     rows = saved["results"]
-    assert [r["steps_timed"] for r in rows] == [2, 2]
-    assert rows[0]["tokens_per_sample"] < rows[1]["tokens_per_sample"]
+    assert [r["steps_timed"] for r in rows] == [2, 2, 2, 2]
+    assert [(r["tokens_per_sample"], r["text"], r["key_mask"]) for r in rows] == [
+        (rows[0]["tokens_per_sample"], "padded", True), (rows[0]["tokens_per_sample"], "full", False),
+        (rows[2]["tokens_per_sample"], "padded", True), (rows[2]["tokens_per_sample"], "full", False)]
+    assert rows[0]["tokens_per_sample"] < rows[2]["tokens_per_sample"]
     for r in rows:
         assert r["step_s"] > 0 and r["mfu"] is None  # no H100 peak to divide by on CPU
+        assert r["first_step_s"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_sample"] / r["step_s"], rel=1e-3)
     # the FLOPs the hook counted during the real step are exactly the layout's training FLOPs
     # (t2v with audio): one forward of a network that trains, counted 3x

@@ -152,3 +152,20 @@ def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teache
     wa = read_weights(straight / "export" / "model.safetensors")[0]
     wb = read_weights(resumed / "export" / "model.safetensors")[0]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_distill_compiled_under_zero3_trains_as_eager(shards, teacher, tmp_path):  # noqa: F811
+    """The H100 presets compile under ZeRO-3: student and teacher blocks compiled (each a ZeRO-3
+    leaf), the critic eager (it runs twice in one backward, which a leaf's once-per-call gradient
+    reduction would count twice). Same losses as the eager run, generator steps included."""
+    pytest.importorskip("deepspeed")
+    one_rank = ("trainer.accelerator=cpu", "trainer.devices=1", "logger.mode=disabled", "activation_checkpointing=full", "strategy=zero3")
+    runs = {compiled: tmp_path / f"compile_{compiled}" for compiled in (False, True)}
+    for compiled, run_dir in runs.items():
+        out = distill(run_dir, shards, teacher, 4, *one_rank, f"compile={str(compiled).lower()}")
+    assert "the critic runs eager under ZeRO-3" in out.stdout + out.stderr
+    for key in ("distill/critic_loss", "distill/dm_loss", "distill/gan_generator", "distill/grad_norm/student"):
+        a, b = metric(runs[False], key), metric(runs[True], key)
+        assert sorted(a) == sorted(b) and a, (key, a, b)
+        for step in a:
+            assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), (key, step, a, b)

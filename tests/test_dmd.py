@@ -336,3 +336,17 @@ def test_noise_like_is_reproducible_and_shaped():
     for x, u, v in zip(xs, a, b):
         assert u.shape == x.shape and u.dtype == x.dtype
         torch.testing.assert_close(u, v)
+
+
+def test_gan_head_in_bf16_takes_any_features_and_gives_float32_logits():
+    """Under DeepSpeed's bf16 the head's weights are bf16 (the critic's features too): it pools
+    in float32, runs in its own dtype and returns float32 logits for the losses."""
+    torch.manual_seed(0)
+    head = GANHead(8, 16)
+    tokens = torch.randn(3, 5, 8)
+    want = head(tokens)
+    head = head.to(torch.bfloat16)
+    for features in (tokens, tokens.to(torch.bfloat16)):
+        got = head(features)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

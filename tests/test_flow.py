@@ -213,3 +213,16 @@ def test_right_padded_models_of_older_files_keep_their_padding():
     seq = build_sequence(old, ["ab"], 8, torch.randn(1, 48, 4, 4, 4), None, trim_text=True)
     assert seq.inputs[0][0, :4].tolist() == [257, 97, 98, 258] and seq.key_mask[0, :8].tolist() == [True] * 4 + [False] * 4
     assert model_args({"model": asdict(tiny_model().args)}).text_padding == "left"
+
+
+def test_generate_runs_a_model_held_in_bf16():
+    """DeepSpeed's bf16 keeps the module itself in bf16 (no autocast): the end-of-run samples once
+    crashed there on float32 latents. The sampler runs such a model under bf16 autocast, keeps its
+    latents in float32, and gives about what the float32 model gives."""
+    model, codec = tiny_model(), PatchCodec()
+    spec = ClipSpec.from_seconds(0.5, 12, 16, 16, 8000)
+    want = generate(model, codec, ["a red ball"], [0], spec, 2, Guidance(3.0, 2.0), 16)
+    got = generate(model.to(torch.bfloat16), codec, ["a red ball"], [0], spec, 2, Guidance(3.0, 2.0), 16)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape
+        assert (g - w).abs().max().item() < 0.1  # bf16 rounding, not another clip

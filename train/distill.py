@@ -58,7 +58,7 @@ from train.checkpoint import export_weights, load_into, model_args
 from train.pretrain import adamw, build_model, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
-from train.strategy import PerNetworkZeroStrategy, outside_zero_init, parameter_counts
+from train.strategy import PerNetworkZeroStrategy, is_partitioned, outside_zero_init, parameter_counts
 
 NAMES = ("video", "audio")  # order of the latents in a sample, as build_sequence emits them
 
@@ -101,10 +101,10 @@ class Critic(torch.nn.Module):
             return self.net(inputs, layout, timesteps, key_mask)
         if not velocities:
             tokens = self.net(inputs, layout, timesteps, key_mask, stop_after_block=self.gan_layer)
-            return self.head(tokens.float(), head_mask)
+            return self.head(tokens, head_mask)
         with capture_output(self.net.blocks[self.gan_layer]) as box:
             preds = self.net(inputs, layout, timesteps, key_mask)
-        return preds, self.head(box["out"].float(), head_mask)
+        return preds, self.head(box["out"], head_mask)
 
 
 def freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -221,6 +221,12 @@ class DistillModule(L.LightningModule):
                 apply_activation_checkpointing(net, self.run.activation_checkpointing)
             if self.run.compile:
                 for net in (self.student, self.critic.net, self.teacher):
+                    if net is self.critic.net and is_partitioned(net):
+                        # Compiled blocks are ZeRO-3 leaf modules (train/parallelize.py), whose
+                        # gradients DeepSpeed reduces once per call of the block; the critic update
+                        # calls each critic block twice (fakes, then real clips) in one backward.
+                        rank_zero_info("compile: the critic runs eager under ZeRO-3 (student and teacher compiled)")
+                        continue
                     apply_compile(net)
 
     def on_fit_start(self):

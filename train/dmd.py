@@ -187,6 +187,9 @@ class GANHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, 1))
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B,) in float32. Pools in float32, then runs in the head's own dtype (bf16 under
+        DeepSpeed's bf16, which keeps the weights in bf16)."""
+        features = features.float()
         if features.dim() == 3:
             if mask is None:
                 features = features.mean(1)
@@ -195,7 +198,7 @@ class GANHead(nn.Module):
                 features = (features * m).sum(1) / m.sum(1).clamp_min(1.0)
         elif features.dim() != 2:
             raise ValueError(f"GANHead: features must be (B, N, D) or (B, D), got {tuple(features.shape)}")
-        return self.mlp(self.norm(features)).squeeze(-1)
+        return self.mlp(self.norm(features.to(self.norm.weight.dtype))).squeeze(-1).float()
 
 
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:

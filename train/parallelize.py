@@ -63,9 +63,35 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
+# Compiled graphs one block function may hold (torch's recompile_limit, 8 by default). Shapes are
+# static (dynamic=False), so each distinct call is one graph: block kind (shared or per-modality)
+# x grad mode (training or sampling/teacher) x sequence shape (batch, text length, key mask or not,
+# the layout's segments). Distillation alone runs student, critic and teacher forwards at two
+# batch sizes, with and without grad, and samples; past the limit fullgraph is a hard error.
+COMPILED_VARIANTS_LIMIT = 64
+
+
 def apply_compile(model: nn.Module) -> None:
     """Compile each block separately: blocks repeat, so one compiled graph serves every layer of a
     kind, and the Python loop over segments in a block is unrolled per layout. fullgraph: a graph
-    break is an error here, not a silent fall back to eager for part of the block."""
-    for i, block in enumerate(model.blocks):
-        model.blocks[i] = torch.compile(block, dynamic=False, fullgraph=True)
+    break is an error here, not a silent fall back to eager for part of the block.
+
+    The block's forward is compiled, not the module: the block stays where it is (no wrapper
+    module, no renamed weights) and its hooks run eagerly around the compiled code, inside the
+    checkpoint wrapper when there is one. ZeRO-3 needs both: DeepSpeed gathers parameters in
+    module hooks that dynamo cannot trace (they are torch.compiler.disable'd: with fullgraph, an
+    error), and its forward prologue fails on torch.compile's wrapper module. Under ZeRO-3 each
+    block is also made a leaf module: DeepSpeed then gathers all of the block's parameters in the
+    block's own hooks, as one unit (as FSDP would shard it), and hooks none of its children, which
+    run inside the compiled code."""
+    from train.strategy import is_partitioned  # not at the top: train.strategy imports train.config, which imports this
+
+    blocks = [getattr(b, "_checkpoint_wrapped_module", b) for b in model.blocks]
+    if is_partitioned(model):
+        from deepspeed.utils import set_z3_leaf_module
+
+        for block in blocks:
+            set_z3_leaf_module(block, True)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
+    for block in blocks:
+        block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True)

@@ -6,6 +6,7 @@ uncond + s * (cond - uncond). With both scales at 1 the unconditional pass is sk
 8-step student costs exactly 8 network evaluations and a 50-step guided teacher 100.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -67,7 +68,8 @@ def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, g
     def forward(prompts, video, audio, tb) -> list[torch.Tensor]:
         seq = build_sequence(model.args, prompts, text_len, video, audio, task="t2v", trim_text=trim_text)
         preds = model(seq.inputs, seq.layout, segment_timesteps(seq, tb), seq.key_mask)
-        return [preds[i] for i in sorted(seq.targets)]  # video first, then audio
+        # video first, then audio; float32, so guidance combines them without bf16 rounding
+        return [preds[i].float() for i in sorted(seq.targets)]
 
     def velocity(xs: list[torch.Tensor], t: float | torch.Tensor) -> list[torch.Tensor]:
         video, audio = xs[0], (xs[1] if len(xs) > 1 else None)
@@ -84,6 +86,17 @@ def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, g
         return [cfg_combine(c, u, s) for c, u, s in zip(cond, uncond, scales)]
 
     return velocity
+
+
+def sampling_precision(model: AVTransformer):
+    """The forward's precision when sampling outside a training step: bf16 on a GPU, as training
+    runs (bf16-mixed), and wherever the weights themselves are bf16 (DeepSpeed's bf16 keeps the
+    module in bf16, and float32 latents would not meet them); float32 otherwise (the CPU tests
+    and demo). The latents and the sampler's arithmetic stay float32."""
+    p = next(model.parameters())
+    if p.device.type == "cuda" or p.dtype == torch.bfloat16:
+        return torch.autocast(p.device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @torch.no_grad()
@@ -115,13 +128,14 @@ def generate(
         n_tokens = sequence_length(model.args, text_len, noise[0].shape[1:], noise[1].shape[1:] if len(noise) > 1 else None)
         shift = shift_for_tokens(n_tokens, *flow_shift_args) if flow_shift_args else 1.0
     velocity = make_velocity_fn(model, captions, text_len, guidance, trim_text=True)
-    if student is None:
-        latents = euler_sample(velocity, noise, sampling_schedule(steps, shift))
-    else:
-        schedule = student_schedule(student, shift)
-        if steps != len(schedule) - 1:
-            raise ValueError(f"steps={steps}: this student was distilled for {len(schedule) - 1} steps")
-        latents = student_sample(velocity, noise, schedule, torch.Generator().manual_seed(int(seeds[0])))
+    with sampling_precision(model):
+        if student is None:
+            latents = euler_sample(velocity, noise, sampling_schedule(steps, shift))
+        else:
+            schedule = student_schedule(student, shift)
+            if steps != len(schedule) - 1:
+                raise ValueError(f"steps={steps}: this student was distilled for {len(schedule) - 1} steps")
+            latents = student_sample(velocity, noise, schedule, torch.Generator().manual_seed(int(seeds[0])))
     video = codec.decode_video(latents[0].float())
     audio = codec.decode_audio(latents[1].float()) if len(latents) > 1 else None
     return video, audio

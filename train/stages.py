@@ -199,7 +199,8 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **trainer_overrides}
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
-    strategy = build_strategy(to_object(StrategyConfig, cfg.strategy, "strategy"), loader_cfg.batch_size, world_size(trainer_kwargs), per_network)
+    strategy = build_strategy(to_object(StrategyConfig, cfg.strategy, "strategy"), loader_cfg.batch_size, world_size(trainer_kwargs), per_network,
+                              compiled_blocks=run.compile)
     # Under SLURM, preemption is PreemptionCallback's (one resume path: checkpoints/last.ckpt).
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     try:

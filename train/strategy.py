@@ -26,10 +26,18 @@ class ZeroStrategy(DeepSpeedStrategy):
 
     strategy_name = "zero"
 
-    def __init__(self, *args, param_persistence_threshold: int | None = None, **kwargs):
+    def __init__(self, *args, param_persistence_threshold: int | None = None, compiled_blocks: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        if param_persistence_threshold is not None and self.config.get("zero_optimization", {}).get("stage") == 3:
-            self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
+        if self.config.get("zero_optimization", {}).get("stage") == 3:
+            if param_persistence_threshold is not None:
+                self.config["zero_optimization"]["stage3_param_persistence_threshold"] = param_persistence_threshold
+            if compiled_blocks:
+                # zero.Init would replace torch.nn.functional.linear for good with an autograd
+                # Function that reads each weight's ds_id: inside a compiled block, a guard per
+                # weight, so one graph per layer instead of one per kind of block. Compiled blocks
+                # are ZeRO-3 leaves (train/parallelize.py): their weights stay gathered through
+                # their own backward, which is what that Function was for.
+                self.config["zero_optimization"]["memory_efficient_linear"] = False
         # Gradient clipping goes through DeepSpeed's config (trainer.gradient_clip_val); the
         # modules' own clipping hook then finds no .grad and does nothing, as intended.
         warnings.filterwarnings("ignore", message="Since DeepSpeed handles gradient clipping internally")
@@ -184,11 +192,13 @@ class StrategyConfig:
         _require(self.timeout_minutes > 0, "strategy.timeout_minutes", self.timeout_minutes, "must be > 0")
 
 
-def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int, per_network: dict | None = None):
+def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int, per_network: dict | None = None,
+                   compiled_blocks: bool = False):
     """A Lightning strategy object or name for the Trainer. micro_batch_size: the loader's batch
     size per rank (DeepSpeed's train_micro_batch_size_per_gpu; our loader has no batch sampler
     for Lightning to read it from). per_network: for a module that trains several networks, ZeRO
-    becomes PerNetworkZeroStrategy with these arguments (frozen_partitioned, gradient_clipping)."""
+    becomes PerNetworkZeroStrategy with these arguments (frozen_partitioned, gradient_clipping).
+    compiled_blocks: the module compiles its blocks (run.compile)."""
     if cfg.name == "auto" and world_size > 1:
         # Lightning's auto choice for several processes is plain DDP, which rejects the weights a
         # batch leaves unused (image embedding/head outside image-to-video): conf/strategy/ddp.yaml.
@@ -209,6 +219,7 @@ def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int, 
             timeout=timedelta(minutes=cfg.timeout_minutes),
             logging_batch_size_per_gpu=micro_batch_size,
             param_persistence_threshold=cfg.param_persistence_threshold,
+            compiled_blocks=compiled_blocks,
             logging_level=40,  # logging.ERROR: DeepSpeed's info lines drown the run's own
             **extra,
         )

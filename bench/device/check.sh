@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The GPU checks of issues 6 and 7, sized to a session's 15 minutes of device time (machine start
+# included): two device calls, the most wanted numbers first.
+#
+#   here, once:  python bench/device/wheels.py       # .whl/: the wheels the device image lacks (~60 MiB)
+#   call 1:      bash bench/device/check.sh perf     # carry [".whl"], timeout_s 450 (steps: 400 s)
+#   call 2:      bash bench/device/check.sh presets  # carry [".whl"], timeout_s 300 (steps: 270 s)
+#   results:     $OUT/*.json, *.md, log.txt, env.txt -> bench/results/ (rename to the date and device)
+#
+# With a start of 1-2 minutes the two calls leave about a minute. If call 1 fails early, mend it
+# here and rerun it instead of call 2. Each step has its own timeout and the benches rewrite their
+# result after each case, so a step stopped at its limit keeps the cases it finished. $OUT comes
+# back with at most 8 files: perf writes 8, presets 4.
+#
+# Rehearse on CPU (tiny sizes; the same steps, paths and overrides, plus CPU settings):
+#   AVGEN_REHEARSE=1 bash bench/device/check.sh perf|presets     (OUT defaults to /tmp/device_check)
+set -uo pipefail
+part=${1:?usage: bench/device/check.sh perf|presets}
+OUT=${OUT:-/tmp/device_check}
+RUNS=${RUNS:-/tmp/device_check_runs}
+mkdir -p "$OUT"
+rehearse=${AVGEN_REHEARSE:-}
+PY=${PY:-python3}
+LOG="$OUT/log.txt"
+: > "$LOG"
+
+step() {  # step SECONDS NAME COMMAND...: run with a limit, output to the log, never stop the script
+    local limit=$1 name=$2 start=$SECONDS
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    timeout --signal=TERM --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
+    return $rc
+}
+
+# Setup: the carried wheels, then fail at once (not 5 minutes later) if the stack does not import.
+if [ -z "$rehearse" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed: run bench/device/wheels.py here and carry .whl"; exit 1; }
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=offline
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -m pip check 2>&1; } > "$OUT/env.txt"
+$PY -c "import torch, lightning, deepspeed, hydra, omegaconf, wandb, av, webdataset, einops, safetensors; print('imports ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'cuda', torch.cuda.is_available())" \
+    2>&1 | tee -a "$OUT/env.txt" | grep -q "imports ok" || { cat "$OUT/env.txt"; exit 1; }
+
+if [ "$part" = perf ]; then
+    if [ -n "$rehearse" ]; then
+        PROXY=(--preset tiny --device cpu --steps 1 --warmup 2) T16=300 T32=1200 HH=(--preset tiny --clips 64x64x1 64x64x2 --repeats 1 --device cpu)
+    else
+        PROXY=(--preset proxy --steps 5 --warmup 2) T16=16384 T32=32768 HH=(--clips 1920x1080x5 1280x720x5 1920x1080x15 --repeats 1)
+    fi
+    # 7.1: the real training step of the proxy (hh15b width, 1 + 4 + 1 layers), compiled, no
+    # recompute: at 16K tokens with the text padding mask (as training runs) and without it.
+    # The first step's time is the compilation.
+    step 180 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text padded full --ac none --out "$OUT"
+    # 7.2: hh15b sampling latency, eager, layers timed at two depths and extrapolated to 40;
+    # the 8-step 5 s 1080p target first.
+    step 120 sample $PY bench/sample.py "${HH[@]}" --out "$OUT"
+    # 7.1 at 32K tokens: 48 GiB of state + <= 32 GiB of activations without recompute, at the edge of
+    # an H100 (last, so an out-of-memory costs nothing else).
+    step 100 train_step_32k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T32 --ac none --out "$OUT" --tag _32k
+    exit 0
+fi
+[ "$part" = presets ] || { echo "unknown part $part: perf or presets"; exit 2; }
+
+# 6.6: the h100x8 preset on this one GPU (bf16, compiled blocks, full activation checkpointing):
+# pretraining with ZeRO-2, then ZeRO-3, of a mid-size model (dim 1536, 1 + 6 + 1 layers) on
+# 128x128 clips of 2 s (~6.4K tokens), then distillation with ZeRO-3 (one engine per network)
+# from the ZeRO-2 run's export. Distillation with ZeRO-2 and longer runs do not fit this lease.
+# Memory per GPU and step time: the runs' perf/* metrics (CSV), gathered below.
+MID=(model.dim=1536 model.n_heads=12 model.n_kv_heads=4 model.mlp_hidden=4096 model.n_modality_in=1 model.n_shared=6 model.n_modality_out=1)
+WORKERS=4  # the synthetic set has 4 shards: at most 4 loader workers on one rank
+STEPS_PRE=60 STEPS_DISTILL=30 LOG_EVERY=10
+CLUSTER=(+cluster=h100x8 trainer.devices=1)
+if [ -n "$rehearse" ]; then
+    MID=() STEPS_PRE=6 STEPS_DISTILL=4 LOG_EVERY=2 WORKERS=1
+    CLUSTER+=(trainer.accelerator=cpu data.loader.pin_memory=false)
+fi
+DATA=('data.loader.buckets=[["1:1",128,128]]' data.loader.num_workers=$WORKERS)
+SHORT=(trainer.log_every_n_steps=$LOG_EVERY sample.steps=2)
+rm -rf "$RUNS"
+for stage in zero2 zero3; do
+    step 90 pretrain_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
+        trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_$stage"
+done
+step 90 distill_zero3 $PY -m train distill "${CLUSTER[@]}" strategy=zero3 teacher="$RUNS/pretrain_zero2/export/model.safetensors" \
+    "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_zero3"
+$PY bench/device/preset_runs.py "$RUNS" "$OUT" 2>&1 | tee -a "$LOG"
