@@ -106,6 +106,10 @@ def test_ema_tracks_the_weights_and_is_used_for_export(tmp_path):
     model, codec, meta, step = load_generator(path)
     assert step == 6 and meta["text_len"] == 16 and codec.config() == module.codec.config()
     torch.testing.assert_close(dict(model.named_parameters())["blocks.1.weights.shared.qkv.weight"], s)
+    # `train sample` on a GPU: built in bf16, the weights rounded from the file's
+    half, *_ = load_generator(path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
+    assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(half.parameters(), model.parameters()))
 
 
 def test_lazy_export_reads_what_the_eager_one_does(tmp_path):

@@ -157,8 +157,17 @@ def load_into(model: AVTransformer, weights: Mapping[str, torch.Tensor], source:
             p.copy_(weights[name].to(p.dtype))
 
 
-def load_generator(path, device="cpu") -> tuple[AVTransformer, PatchCodec, dict, int]:
-    weights, meta, step = read_weights(path)
-    model = AVTransformer(model_args(meta))
+def load_generator(path, device="cpu", dtype: torch.dtype = torch.float32) -> tuple[AVTransformer, PatchCodec, dict, int]:
+    """The generator of an export or checkpoint, for sampling: built on the device in `dtype` and
+    filled from the file one tensor at a time (lazily read), so a 15B model sampled in bf16 never
+    exists in float32 or whole in host memory."""
+    weights, meta, step = read_weights(path, lazy=True)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = AVTransformer(model_args(meta))
+    finally:
+        torch.set_default_dtype(default)
     load_into(model, weights, f"ckpt={str(path)!r}")
-    return model.to(device).eval(), PatchCodec(**meta["codec"]), meta, step
+    return model.eval(), PatchCodec(**meta["codec"]), meta, step
