@@ -68,15 +68,27 @@ def test_sbatch_train_preempt_requeue_resume(slurm, shards, tmp_path):  # noqa: 
     # Done when the job's second run has started (its log line) and slurmctld reports the job
     # ended. Neither alone will do: while requeueing, the job briefly leaves squeue's list and
     # scontrol shows it in an ended state, with its restart already counted (both seen here).
+    ended_since, hurried = None, False
     while True:
         assert time.time() < deadline, log.read_text()[-3000:]
         info = job_info(slurm, job)
         restarts = int(info.get("Restarts", "0"))
-        if f"job {job} restart 1" in log.read_text() and info.get("JobState") in ENDED:
+        restarted = f"job {job} restart 1" in log.read_text()
+        if restarted and info.get("JobState") in ENDED:
             break
-        if info.get("JobState") == "PENDING" and restarts >= 1:
-            # SLURM holds a requeued batch job back for a while (BeginTime); no need to wait here
-            sh(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now", check=False)
+        if info.get("JobState") in ENDED and restarts >= 1 and not restarted:
+            # ended after the requeue without running again: fail now, with SLURM's reason
+            ended_since = ended_since or time.time()
+            assert time.time() - ended_since < 20, f"the requeued job ended without a second run: {info}"
+        else:
+            ended_since = None
+        if info.get("JobState") == "PENDING" and restarts >= 1 and not hurried:
+            # SLURM holds a requeued batch job back for a while (BeginTime); no need to wait that
+            # long, but not "now" either: slurmd refuses a launch in the same second as the
+            # first run's credential was revoked ("Job credential revoked", seen in CI). Once:
+            # each update would move the start again.
+            sh(slurm, "scontrol", "update", f"JobId={job}", "StartTime=now+3", check=False)
+            hurried = True
         time.sleep(1)
     text = log.read_text()
     assert "SIGUSR1: saving" in text and "requeueing job" in text, text[-3000:]

@@ -43,7 +43,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=offline
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -m pip check 2>&1; } > "$OUT/env.txt"
 $PY -c "import torch, lightning, deepspeed, hydra, omegaconf, wandb, av, webdataset, einops, safetensors; print('imports ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'cuda', torch.cuda.is_available())" \
-    2>&1 | tee -a "$OUT/env.txt" | grep -q "imports ok" || { cat "$OUT/env.txt"; exit 1; }
+    2>&1 | tee -a "$OUT/env.txt" | grep "imports ok" >/dev/null || { cat "$OUT/env.txt"; exit 1; }  # grep reads all: no SIGPIPE to tee
 
 if [ "$part" = perf ]; then
     if [ -n "$rehearse" ]; then
