@@ -22,6 +22,7 @@ early keeps the cases it finished).
 """
 
 import argparse
+import gc
 import statistics
 import sys
 import tempfile
@@ -58,7 +59,7 @@ PRESETS = {
     # 1 + 4 + 1 layers, 2.6B parameters (a modality layer holds one weight set per modality): the
     # weights, gradients, AdamW states and EMA (20 bytes a parameter, 48 GiB) and the activations of
     # 16K tokens without recompute (<= 16 GiB, train/memory.py) fit an H100; 1 + 6 + 1 layers (3.0B,
-    # 56 GiB + 21 GiB) would not.
+    # 56 GiB + up to 21 GiB) would be at the edge of its 80 GB.
     "proxy": dict(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=1, n_shared=4, n_modality_out=1,
                   modalities=("text", "video", "audio")),
     "tiny": dict(dim=32, n_heads=4, n_kv_heads=2, mlp_hidden=64, n_modality_in=1, n_shared=1, n_modality_out=1,
@@ -167,6 +168,7 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     }
     del module, trainer
+    gc.collect()  # trainer <-> module and block <-> compiled forward are cycles: free the EMA and states before the next case
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -150,3 +150,13 @@ def test_slurm_script_from_a_preset(tmp_path):
     assert f"srun --kill-on-bad-exit=1 /x/python -m train pretrain +cluster=h100x64 trainer.max_steps=10 hydra.run.dir={tmp_path}" in text
     cpu = slurm.render("pretrain", ["+cluster=cpu2"], tmp_path)
     assert "#SBATCH --ntasks-per-node=2" in cpu and "--gpus-per-node" not in cpu
+
+
+def test_selective_checkpointing_with_compiled_zero3_blocks_is_refused(tmp_path):
+    """Under ZeRO-3 the blocks compile inside their checkpoint, where a selective policy would
+    see none of their ops (it would recompute everything): refused in one line, before training."""
+    out = subprocess.run([sys.executable, "-m", "train", "pretrain", "strategy=zero3", "compile=true", "activation_checkpointing=selective",
+                          "trainer.accelerator=cpu", "logger.mode=disabled", f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: activation_checkpointing=selective with compile=true under ZeRO-3")

@@ -163,7 +163,9 @@ def test_distill_compiled_under_zero3_trains_as_eager(shards, teacher, tmp_path)
     runs = {compiled: tmp_path / f"compile_{compiled}" for compiled in (False, True)}
     for compiled, run_dir in runs.items():
         out = distill(run_dir, shards, teacher, 4, *one_rank, f"compile={str(compiled).lower()}")
-    assert "the critic runs eager under ZeRO-3" in out.stdout + out.stderr
+    log = out.stdout + out.stderr
+    assert "the critic runs eager under ZeRO-3" in log
+    assert "compile: student: 4 blocks compiled as ZeRO-3 leaves" in log and "compile: teacher: 4 blocks compiled as ZeRO-3 leaves" in log
     for key in ("distill/critic_loss", "distill/dm_loss", "distill/gan_generator", "distill/grad_norm/student"):
         a, b = metric(runs[False], key), metric(runs[True], key)
         assert sorted(a) == sorted(b) and a, (key, a, b)

@@ -104,11 +104,22 @@ def test_compiled_blocks_under_zero3_train_as_eager(shards, tmp_path):  # noqa: 
     runs = {}
     for compiled in (False, True):
         runs[compiled] = tmp_path / f"compile_{compiled}"
-        pretrain(runs[compiled], shards, 3, "strategy=zero3", f"compile={str(compiled).lower()}", "activation_checkpointing=full",
-                 "trainer.accelerator=cpu", "trainer.devices=1")
+        out = pretrain(runs[compiled], shards, 3, "strategy=zero3", f"compile={str(compiled).lower()}", "activation_checkpointing=full",
+                       "trainer.accelerator=cpu", "trainer.devices=1")
+    assert "compile: 4 blocks compiled as ZeRO-3 leaves" in out.stdout + out.stderr
     a, b = losses(runs[False]), losses(runs[True])
     assert sorted(a) == sorted(b) == [0, 1, 2]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4)
     wa, wb = export(runs[False]), export(runs[True])
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_compiled_zero3_turns_off_deepspeeds_linear_replacement():
+    """zero.Init's replacement of F.linear reads each weight's ds_id inside compiled code: a
+    recompile per layer. Off for compiled ZeRO-3 runs only."""
+    from train.strategy import StrategyConfig, build_strategy
+
+    for stage, compiled, want in ((3, True, False), (3, False, None), (2, True, None)):
+        strategy = build_strategy(StrategyConfig(name="zero", stage=stage), 1, 2, compiled_blocks=compiled)
+        assert strategy.config["zero_optimization"].get("memory_efficient_linear") == want, (stage, compiled)

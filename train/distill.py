@@ -220,14 +220,14 @@ class DistillModule(L.LightningModule):
             for net in (self.student, self.critic.net):  # the teacher has no backward: nothing to keep
                 apply_activation_checkpointing(net, self.run.activation_checkpointing)
             if self.run.compile:
-                for net in (self.student, self.critic.net, self.teacher):
-                    if net is self.critic.net and is_partitioned(net):
+                for name, net in (("student", self.student), ("critic", self.critic.net), ("teacher", self.teacher)):
+                    if name == "critic" and is_partitioned(net):
                         # Compiled blocks are ZeRO-3 leaf modules (train/parallelize.py), whose
                         # gradients DeepSpeed reduces once per call of the block; the critic update
                         # calls each critic block twice (fakes, then real clips) in one backward.
                         rank_zero_info("compile: the critic runs eager under ZeRO-3 (student and teacher compiled)")
                         continue
-                    apply_compile(net)
+                    rank_zero_info(f"compile: {name}: {apply_compile(net)}")
 
     def on_fit_start(self):
         if self.ema is not None:

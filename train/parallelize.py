@@ -71,27 +71,33 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None
 COMPILED_VARIANTS_LIMIT = 64
 
 
-def apply_compile(model: nn.Module) -> None:
+def apply_compile(model: nn.Module) -> str:
     """Compile each block separately: blocks repeat, so one compiled graph serves every layer of a
     kind, and the Python loop over segments in a block is unrolled per layout. fullgraph: a graph
-    break is an error here, not a silent fall back to eager for part of the block.
+    break is an error here, not a silent fall back to eager for part of the block. Returns what
+    was compiled, for the log.
 
-    The block's forward is compiled, not the module: the block stays where it is (no wrapper
-    module, no renamed weights) and its hooks run eagerly around the compiled code, inside the
-    checkpoint wrapper when there is one. ZeRO-3 needs both: DeepSpeed gathers parameters in
-    module hooks that dynamo cannot trace (they are torch.compiler.disable'd: with fullgraph, an
-    error), and its forward prologue fails on torch.compile's wrapper module. Under ZeRO-3 each
-    block is also made a leaf module: DeepSpeed then gathers all of the block's parameters in the
-    block's own hooks, as one unit (as FSDP would shard it), and hooks none of its children, which
-    run inside the compiled code."""
+    A `forward` is compiled, not the module: the block stays where it is (no wrapper module, no
+    renamed weights) and the module's hooks run eagerly around the compiled code. Which forward:
+    - the checkpoint wrapper's when there is one, so the compiled graph holds the checkpoint and
+      its selective policy (a policy outside compiled code cannot see the ops inside: selective
+      would recompute everything, as full does);
+    - under ZeRO-3, the block's own, inside the checkpoint wrapper. DeepSpeed gathers parameters
+      in module hooks that dynamo cannot trace (torch.compiler.disable'd: with fullgraph, an
+      error), and its forward prologue fails on torch.compile's wrapper module. Each block is
+      made a ZeRO-3 leaf: DeepSpeed gathers all of the block's parameters in the block's own
+      hooks, as one unit (as FSDP would shard it), and hooks none of its children, which run
+      inside the compiled code. Selective checkpointing cannot be kept there: fit() refuses it."""
     from train.strategy import is_partitioned  # not at the top: train.strategy imports train.config, which imports this
 
-    blocks = [getattr(b, "_checkpoint_wrapped_module", b) for b in model.blocks]
-    if is_partitioned(model):
+    partitioned = is_partitioned(model)
+    targets = [getattr(b, "_checkpoint_wrapped_module", b) if partitioned else b for b in model.blocks]
+    if partitioned:
         from deepspeed.utils import set_z3_leaf_module
 
-        for block in blocks:
+        for block in targets:
             set_z3_leaf_module(block, True)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
-    for block in blocks:
-        block.forward = torch.compile(block.forward, dynamic=False, fullgraph=True)
+    for target in targets:
+        target.forward = torch.compile(target.forward, dynamic=False, fullgraph=True)
+    return f"{len(targets)} blocks compiled" + (" as ZeRO-3 leaves" if partitioned else "")

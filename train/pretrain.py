@@ -72,7 +72,7 @@ class PretrainModule(L.LightningModule):
         with outside_zero_init():
             apply_activation_checkpointing(self.model, self.run.activation_checkpointing)
             if self.run.compile:
-                apply_compile(self.model)
+                rank_zero_info(f"compile: {apply_compile(self.model)}")
 
     def on_fit_start(self):
         if self.ema is not None:

@@ -199,8 +199,12 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
     trainer_kwargs = {**OmegaConf.to_container(cfg.trainer, resolve=True), **trainer_overrides}
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "auto"))
-    strategy = build_strategy(to_object(StrategyConfig, cfg.strategy, "strategy"), loader_cfg.batch_size, world_size(trainer_kwargs), per_network,
-                              compiled_blocks=run.compile)
+    strategy_cfg = to_object(StrategyConfig, cfg.strategy, "strategy")
+    if run.compile and run.activation_checkpointing == "selective" and strategy_cfg.name == "zero" and strategy_cfg.stage == 3:
+        raise ConfigError("activation_checkpointing=selective with compile=true under ZeRO-3: the blocks compile inside their "
+                          "checkpoint there (train/parallelize.py), where the selective policy cannot see their ops; "
+                          "use activation_checkpointing=full, or compile=false")
+    strategy = build_strategy(strategy_cfg, loader_cfg.batch_size, world_size(trainer_kwargs), per_network, compiled_blocks=run.compile)
     # Under SLURM, preemption is PreemptionCallback's (one resume path: checkpoints/last.ckpt).
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
     try:

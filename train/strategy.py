@@ -34,9 +34,10 @@ class ZeroStrategy(DeepSpeedStrategy):
             if compiled_blocks:
                 # zero.Init would replace torch.nn.functional.linear for good with an autograd
                 # Function that reads each weight's ds_id: inside a compiled block, a guard per
-                # weight, so one graph per layer instead of one per kind of block. Compiled blocks
-                # are ZeRO-3 leaves (train/parallelize.py): their weights stay gathered through
-                # their own backward, which is what that Function was for.
+                # weight, so one graph per layer instead of one per kind of block. That Function
+                # keeps autograd from holding a gathered weight (through the transposed view a
+                # matmul saves) until the backward; a checkpointed block saves no such view, an
+                # unchekpointed one may (docs/performance.md).
                 self.config["zero_optimization"]["memory_efficient_linear"] = False
         # Gradient clipping goes through DeepSpeed's config (trainer.gradient_clip_val); the
         # modules' own clipping hook then finds no .grad and does nothing, as intended.

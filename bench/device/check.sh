@@ -2,15 +2,16 @@
 # The GPU checks of issues 6 and 7, sized to a session's 15 minutes of device time (machine start
 # included): two device calls, the most wanted numbers first.
 #
-#   here, once:  python bench/device/wheels.py       # .whl/: the wheels the device image lacks (~60 MiB)
-#   call 1:      bash bench/device/check.sh perf     # carry [".whl"], timeout_s 450 (steps: 400 s)
-#   call 2:      bash bench/device/check.sh presets  # carry [".whl"], timeout_s 300 (steps: 270 s)
-#   results:     $OUT/*.json, *.md, log.txt, env.txt -> bench/results/ (rename to the date and device)
+#   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~60 MiB)
+#   call 1:      bash bench/device/check.sh perf     # carry [".whl"], timeout_s 450 (steps: 400 s + setup)
+#   call 2:      bash bench/device/check.sh presets  # carry [".whl"], timeout_s 300 (steps: 250 s + setup)
+#   results:     $OUT/*.json, *.md, *.csv, log.txt, env.txt -> bench/results/ (name them by date and device)
 #
-# With a start of 1-2 minutes the two calls leave about a minute. If call 1 fails early, mend it
-# here and rerun it instead of call 2. Each step has its own timeout and the benches rewrite their
-# result after each case, so a step stopped at its limit keeps the cases it finished. $OUT comes
-# back with at most 8 files: perf writes 8, presets 4.
+# With a start of 1-2 minutes the two calls leave about a minute; send call 2 at once (the machine
+# stays warm 30 s). If call 1 fails early, mend it here and rerun it instead of call 2. Each step
+# has its own timeout and the benches rewrite their result after each case, so a step stopped at
+# its limit keeps the cases it finished. $OUT comes back with at most 8 files: perf writes 8,
+# presets 6.
 #
 # Rehearse on CPU (tiny sizes; the same steps, paths and overrides, plus CPU settings):
 #   AVGEN_REHEARSE=1 bash bench/device/check.sh perf|presets     (OUT defaults to /tmp/device_check)
@@ -20,7 +21,7 @@ OUT=${OUT:-/tmp/device_check}
 RUNS=${RUNS:-/tmp/device_check_runs}
 mkdir -p "$OUT"
 rehearse=${AVGEN_REHEARSE:-}
-PY=${PY:-python3}
+PY=${PY:-$([ -n "$rehearse" ] && [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 LOG="$OUT/log.txt"
 : > "$LOG"
 
@@ -28,7 +29,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a limit, output to the log, n
     local limit=$1 name=$2 start=$SECONDS
     shift 2
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    timeout --signal=TERM --kill-after=15 "$limit" "$@" >> "$LOG" 2>&1
+    timeout --signal=TERM --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
     local rc=$?
     echo "=== $name: exit $rc after $((SECONDS - start))s" | tee -a "$LOG"
     return $rc
@@ -65,14 +66,15 @@ if [ "$part" = perf ]; then
 fi
 [ "$part" = presets ] || { echo "unknown part $part: perf or presets"; exit 2; }
 
-# 6.6: the h100x8 preset on this one GPU (bf16, compiled blocks, full activation checkpointing):
-# pretraining with ZeRO-2, then ZeRO-3, of a mid-size model (dim 1536, 1 + 6 + 1 layers) on
-# 128x128 clips of 2 s (~6.4K tokens), then distillation with ZeRO-3 (one engine per network)
-# from the ZeRO-2 run's export. Distillation with ZeRO-2 and longer runs do not fit this lease.
-# Memory per GPU and step time: the runs' perf/* metrics (CSV), gathered below.
+# 6.6: the h100x8 preset on this one GPU (ZeRO-3, bf16, compiled blocks, full activation
+# checkpointing): pretraining of a mid-size model (dim 1536, 1 + 6 + 1 layers, 0.39B) on 128x128
+# clips of 2 s (~6.3K tokens), then distillation (one engine per network) from its export. ZeRO-2
+# (which runs compiled on CPU as is) and longer runs do not fit this lease: the next one.
+# Memory per GPU and step time: the runs' perf/* metrics, each run's CSV copied to $OUT as soon as
+# it ends (a later step cut short loses nothing), summarised at the end.
 MID=(model.dim=1536 model.n_heads=12 model.n_kv_heads=4 model.mlp_hidden=4096 model.n_modality_in=1 model.n_shared=6 model.n_modality_out=1)
 WORKERS=4  # the synthetic set has 4 shards: at most 4 loader workers on one rank
-STEPS_PRE=60 STEPS_DISTILL=30 LOG_EVERY=10
+STEPS_PRE=50 STEPS_DISTILL=30 LOG_EVERY=10
 CLUSTER=(+cluster=h100x8 trainer.devices=1)
 if [ -n "$rehearse" ]; then
     MID=() STEPS_PRE=6 STEPS_DISTILL=4 LOG_EVERY=2 WORKERS=1
@@ -80,11 +82,12 @@ if [ -n "$rehearse" ]; then
 fi
 DATA=('data.loader.buckets=[["1:1",128,128]]' data.loader.num_workers=$WORKERS)
 SHORT=(trainer.log_every_n_steps=$LOG_EVERY sample.steps=2)
+keep_metrics() { cp "$RUNS/$1"/metrics/version_0/metrics.csv "$OUT/metrics_$1.csv" 2>/dev/null || echo "$1: no metrics" | tee -a "$LOG"; }
 rm -rf "$RUNS"
-for stage in zero2 zero3; do
-    step 90 pretrain_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
-        trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_$stage"
-done
-step 90 distill_zero3 $PY -m train distill "${CLUSTER[@]}" strategy=zero3 teacher="$RUNS/pretrain_zero2/export/model.safetensors" \
+step 130 pretrain_zero3 $PY -m train pretrain "${CLUSTER[@]}" strategy=zero3 "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
+    trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_zero3"
+keep_metrics pretrain_zero3
+step 120 distill_zero3 $PY -m train distill "${CLUSTER[@]}" strategy=zero3 teacher="$RUNS/pretrain_zero3/export/model.safetensors" \
     "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_zero3"
+keep_metrics distill_zero3
 $PY bench/device/preset_runs.py "$RUNS" "$OUT" 2>&1 | tee -a "$LOG"
