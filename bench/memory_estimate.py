@@ -7,6 +7,7 @@ device runs of the presets are what confirm it.
     python bench/memory_estimate.py     # prints the table, writes bench/results/memory_estimate_hh15b.json
 """
 
+import itertools
 import json
 import platform
 import sys
@@ -31,17 +32,17 @@ def main() -> dict:
         model = instantiate(OmegaConf.load(ROOT / "conf" / "model" / "hh15b.yaml"))
     n, args = count_parameters(model), model.args
     rows = []
-    for training, estimate in (("pretrain", estimate_per_gpu), ("distill", estimate_distill_per_gpu)):
-        for preset, gpus in GPUS.items():
-            for stage in (2, 3):
-                for tokens_name, tokens in TOKENS.items():
-                    # offload: DeepSpeed's optimizer states in CPU memory (what one node needs to distil)
-                    for checkpointing, offload in ((True, False), (False, False), (True, True)):
-                        est = estimate(TrainingSetup(n, args.n_layers, args.dim, tokens, stage, gpus, activation_checkpointing=checkpointing,
-                                                     offload_optimizer=offload))
-                        rows.append({"stage": training, "preset": preset, "gpus": gpus, "zero_stage": stage, "tokens": tokens_name,
-                                     "activation_checkpointing": checkpointing, "offload_optimizer": offload,
-                                     **{k: round(getattr(est, k), 1) for k in ("weights", "gradients", "optimizer", "ema", "activations", "frozen", "overhead", "total")}})
+    cases = itertools.product(
+        (("pretrain", estimate_per_gpu), ("distill", estimate_distill_per_gpu)), GPUS.items(), (2, 3), TOKENS.items(),
+        # offload: DeepSpeed's optimizer states in CPU memory (what one node needs to distil)
+        ((True, False), (False, False), (True, True)),
+    )
+    for (training, estimate), (preset, gpus), stage, (tokens_name, tokens), (checkpointing, offload) in cases:
+        est = estimate(TrainingSetup(n, args.n_layers, args.dim, tokens, stage, gpus, activation_checkpointing=checkpointing,
+                                     offload_optimizer=offload))
+        rows.append({"stage": training, "preset": preset, "gpus": gpus, "zero_stage": stage, "tokens": tokens_name,
+                     "activation_checkpointing": checkpointing, "offload_optimizer": offload,
+                     **{k: round(getattr(est, k), 1) for k in ("weights", "gradients", "optimizer", "ema", "activations", "frozen", "overhead", "total")}})
     result = {"what": "estimated GiB per GPU, hh15b, bf16-mixed, AdamW, fp32 EMA (train/memory.py); distill: student (+ EMA) "
                       "and critic trained, the teacher frozen (partitioned under ZeRO-3, a bf16 copy under ZeRO-2)", "parameters": n,
               "command": "python bench/memory_estimate.py", "versions": {"torch": torch.__version__, "python": platform.python_version()},

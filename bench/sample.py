@@ -56,17 +56,17 @@ def segments(args: ModelArgs, width: int, height: int, seconds: float, text_toke
             Segment("audio", "generate", (args.audio_channels, audio))]
 
 
-def time_forward(model: AVTransformer, segs, batch: int, repeats: int, device) -> float:
-    """Median seconds of one forward (after one untimed warm-up forward)."""
+def time_forward(model: AVTransformer, segs, repeats: int, device) -> float:
+    """Median seconds of one batch-1 forward (after one untimed warm-up forward)."""
     layout = model.layout(segs)
     g = torch.Generator(device="cpu").manual_seed(0)
     inputs = []
     for seg in layout.segments:
         if seg.modality == "text" and model.args.text_input == "bytes":
-            inputs.append(torch.randint(0, 256, (batch, *seg.shape), generator=g).to(device))
+            inputs.append(torch.randint(0, 256, (1, *seg.shape), generator=g).to(device))
         else:
-            inputs.append(torch.randn(batch, *seg.shape, generator=g).to(device, torch.bfloat16))
-    t = torch.tensor([[0.0] + [0.7] * (len(segs) - 1)] * batch, device=device)
+            inputs.append(torch.randn(1, *seg.shape, generator=g).to(device, torch.bfloat16))
+    t = torch.tensor([[0.0] + [0.7] * (len(segs) - 1)], device=device)
     times = []
     with torch.inference_mode():
         for i in range(repeats + 1):
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
             layout = SequenceLayout(segs, full_args)
             row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens}
             for layout_segs, name in ((segs, "student_forward_s"), (uncond, "uncond_forward_s")):
-                measured = {depth: time_forward(m, layout_segs, 1, args.repeats, device) for depth, m in models.items()}
+                measured = {depth: time_forward(m, layout_segs, args.repeats, device) for depth, m in models.items()}
                 row[name.replace("_s", "_measured_s")] = {str(depth): t for depth, t in measured.items()}
                 if args.full:
                     row[name] = measured[n_layers]

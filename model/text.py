@@ -2,6 +2,8 @@
 
 import torch
 
+from model.args import TEXT_PADDINGS
+
 BYTE_PAD = 256
 BYTE_BOS = 257
 BYTE_EOS = 258
@@ -17,8 +19,8 @@ def encode_bytes(captions: list[str], length: int, padding: str = "left") -> tup
     nothing."""
     if length < 2:
         raise ValueError(f"text length={length}: must be >= 2 (BOS and EOS)")
-    if padding not in ("left", "right"):
-        raise ValueError(f"padding={padding!r}: choose left or right")
+    if padding not in TEXT_PADDINGS:
+        raise ValueError(f"padding={padding!r}: choose one of {', '.join(TEXT_PADDINGS)}")
     ids = torch.full((len(captions), length), BYTE_PAD, dtype=torch.long)
     for row, caption in enumerate(captions):
         body = list(caption.encode("utf-8"))[: length - 2]

@@ -19,6 +19,15 @@ sys.path.insert(0, str(ROOT / "launch"))
 import slurm  # noqa: E402
 
 HH15B = 14_970_000_000  # conf/model/hh15b.yaml, counted on the meta device (README)
+
+
+def hh15b_args(**overrides) -> ModelArgs:
+    """conf/model/hh15b.yaml's architecture, with overrides."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "hh15b.yaml"))
+    cfg.pop("_target_")
+    return ModelArgs(**{**cfg, **overrides})
 H100 = ClusterConfig(name="h100x64", gpu_memory_gb=80)
 TOKENS_5S_1080P = 63_000
 
@@ -42,7 +51,7 @@ def test_15b_on_64_h100_needs_zero3():
     """The presets' choice (docs/training.md): ZeRO-2 keeps 30 GB of bf16 weights and a 60 GB fp32
     EMA on every GPU, ZeRO-3 spreads them; with activation checkpointing a 5 s 1080p clip fits."""
     trainer = {"devices": 8, "num_nodes": 8}
-    args = ModelArgs(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=4, n_shared=32, n_modality_out=4)
+    args = hh15b_args()
 
     def check(cluster, stage, checkpointing=True):
         est = estimate_per_gpu(TrainingSetup(HH15B, args.n_layers, args.dim, TOKENS_5S_1080P, stage, 64, activation_checkpointing=checkpointing))
@@ -88,9 +97,8 @@ def test_distill_preset_memory_is_checked_before_start(tmp_path):
     # A teacher file with the hh15b description and no tensors: the check reads only the description.
     codec = PatchCodec()
     fps, rate = 12.0, 8000  # the synthetic data's (conf/data/synthetic.yaml)
-    args = ModelArgs(dim=5120, n_heads=40, n_kv_heads=8, mlp_hidden=10752, n_modality_in=4, n_shared=32, n_modality_out=4,
-                     text_input="bytes", video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
-                     audio_latents_per_video_frame=codec.audio_latents_per_video_frame(fps, rate))
+    args = hh15b_args(text_input="bytes", video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
+                      audio_latents_per_video_frame=codec.audio_latents_per_video_frame(fps, rate))
     teacher = export_safetensors(tmp_path / "teacher.safetensors", {}, describe(args, codec, fps, rate, 1, 64, (256, 1.0, 3.0)), 0, "raw")
     out = subprocess.run(
         [sys.executable, "-m", "train", "distill", "+cluster=h100x8", "strategy=zero2", f"teacher={teacher}", "trainer.accelerator=cpu",

@@ -171,3 +171,5 @@ def test_distill_compiled_under_zero3_trains_as_eager(shards, teacher, tmp_path)
         assert sorted(a) == sorted(b) and a, (key, a, b)
         for step in a:
             assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-6), (key, step, a, b)
+    wa, wb = (read_weights(runs[c] / "export" / "model.safetensors")[0] for c in (False, True))
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4

@@ -154,7 +154,7 @@ def test_nan_critic_skips_its_updates_leaving_weights_and_optimizer_untouched():
     with torch.no_grad():  # the critic's velocity head: its flow-matching loss (and the DM loss) turn NaN
         module.critic.net.heads["video"].proj.bias.fill_(float("nan"))
     initial = [p.detach().clone() for p in module.critic.parameters()]
-    rec, trainer = fit(module, 3)
+    _, trainer = fit(module, 3)
     assert trainer.global_step == 3
     assert module.nonfinite == {"generator": 3, "critic": 3}
     for p, p0 in zip(module.critic.parameters(), initial):

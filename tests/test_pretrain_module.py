@@ -108,8 +108,9 @@ def test_ema_tracks_the_weights_and_is_used_for_export(tmp_path):
     torch.testing.assert_close(dict(model.named_parameters())["blocks.1.weights.shared.qkv.weight"], s)
     # `train sample` on a GPU: built in bf16, the weights rounded from the file's
     half, *_ = load_generator(path, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
-    assert all(torch.equal(p, q.to(torch.bfloat16)) for p, q in zip(half.parameters(), model.parameters()))
+    full, half = dict(model.named_parameters()), dict(half.named_parameters())
+    assert half.keys() == full.keys() and all(p.dtype == torch.bfloat16 for p in half.values())
+    assert all(torch.equal(half[k], full[k].to(torch.bfloat16)) for k in full)
 
 
 def test_lazy_export_reads_what_the_eager_one_does(tmp_path):

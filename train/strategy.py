@@ -37,7 +37,7 @@ class ZeroStrategy(DeepSpeedStrategy):
                 # weight, so one graph per layer instead of one per kind of block. That Function
                 # keeps autograd from holding a gathered weight (through the transposed view a
                 # matmul saves) until the backward; a checkpointed block saves no such view, an
-                # unchekpointed one may (docs/performance.md).
+                # uncheckpointed one may (docs/performance.md).
                 self.config["zero_optimization"]["memory_efficient_linear"] = False
         # Gradient clipping goes through DeepSpeed's config (trainer.gradient_clip_val); the
         # modules' own clipping hook then finds no .grad and does nothing, as intended.

@@ -79,7 +79,7 @@ def fetch(name: str, version: str, wheels_dir: Path) -> None:
 def resolve(roots: list[Requirement], have: set[str], wheels_dir: Path = WHEELS, download: bool = False) -> list[str]:
     """Walk the requirements from roots (those met by `have` are trusted); returns the problems,
     empty when wheels_dir holds all the rest. download: fetch what is missing first."""
-    problems, seen = [], set()
+    problems, seen, wheels = [], set(), carried(wheels_dir)
     todo = [(r, "pyproject.toml") for r in roots]
     while todo:
         req, by = todo.pop()
@@ -87,7 +87,6 @@ def resolve(roots: list[Requirement], have: set[str], wheels_dir: Path = WHEELS,
         if not needed(req) or name in have or (name, str(req.specifier)) in seen:
             continue
         seen.add((name, str(req.specifier)))
-        wheels = carried(wheels_dir)
         if name not in wheels and download:
             try:
                 fetch(req.name, metadata.version(req.name), wheels_dir)
