@@ -164,7 +164,7 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
         "model_tflops_per_s": float(f"{flops / step_s / 1e12:.4g}"),
         # against the H100's dense bf16 peak and the reference block: meaningless on a CPU
         "mfu": round(flops / step_s / H100_BF16_DENSE_FLOPS, 4) if device.type == "cuda" else None,
-        "of_reference_block": round(flops / step_s / 1e12 / REFERENCE_BLOCK_TFLOPS, 4) if device.type == "cuda" else None,
+        "of_reference_block": round(flops / step_s / 1e12 / args.reference_block_tflops, 4) if device.type == "cuda" else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     }
     del module, trainer
@@ -203,10 +203,13 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--reference-block-tflops", type=float, default=REFERENCE_BLOCK_TFLOPS,
+                   help="the reference block's training TFLOP/s on this card (../shared/bench/reference_block.py; "
+                        "default: the H100's); bench/device/check.sh measures it in the same lease")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     result = {"benchmark": "train_step", **describe(device, ["bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
-              "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": REFERENCE_BLOCK_TFLOPS, "results": []}
+              "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": args.reference_block_tflops, "results": []}
     stem = f"train_step_{slug(device)}_{result['date']}{args.tag}"
     for n in args.tokens:
         for text in args.text:

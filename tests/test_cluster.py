@@ -168,3 +168,34 @@ def test_selective_checkpointing_with_compiled_zero3_blocks_is_refused(tmp_path)
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: activation_checkpointing=selective with compile=true under ZeRO-3")
+
+
+
+def test_zero_refuses_parameter_sizes_that_unalign_its_flat_buffer():
+    """model.n_heads=12 at dim 1536 gives 12-element gate biases, which leave the parameters after
+    them off 16-byte alignment in DeepSpeed's flat buffer: ZeRO-3 on one H200 with compiled blocks
+    stopped with 'misaligned address' (n_heads=16 ran, and so did compile=false). Refused before
+    any process group; the settings where the parameters are aligned, or that ran, pass."""
+    import torch
+
+    from model import build_model
+    from train.cluster import check_zero_parameter_alignment
+
+    mid = {"dim": 1536, "n_kv_heads": 4, "mlp_hidden": 4096, "n_modality_in": 1, "n_shared": 2, "n_modality_out": 1}
+    with torch.device("meta"):
+        twelve = build_model(**vars(hh15b_args(**mid, n_heads=12)))
+        sixteen = build_model(**vars(hh15b_args(**mid, n_heads=16)))
+        hh15b = build_model(**vars(hh15b_args(n_shared=1, n_modality_in=1, n_modality_out=1)))
+    one_gpu = {"accelerator": "gpu", "devices": 1, "num_nodes": 1}
+    eight_gpus = {**one_gpu, "devices": 8}
+    with pytest.raises(ConfigError, match=r"ZeRO-3 on one GPU with compile=true: .*gate\.proj\.bias \(12\).*model\.n_heads a multiple of 8"):
+        check_zero_parameter_alignment(twelve, True, 3, one_gpu)
+    with pytest.raises(ConfigError, match=r"ZeRO-2: .*\(12\).*or strategy=zero3 on more than one GPU"):
+        check_zero_parameter_alignment(twelve, False, 2, eight_gpus)
+    check_zero_parameter_alignment(sixteen, True, 3, one_gpu)
+    check_zero_parameter_alignment(sixteen, True, 2, eight_gpus)
+    check_zero_parameter_alignment(hh15b, True, 3, one_gpu)  # the production width: every size a multiple of 8
+    check_zero_parameter_alignment(twelve, False, 3, one_gpu)  # ran: ZeRO-3's own linear adds the bias apart
+    check_zero_parameter_alignment(twelve, True, 3, eight_gpus)  # gathered parameters are fresh tensors
+    check_zero_parameter_alignment(twelve, True, 0, one_gpu)  # DDP: every parameter its own tensor
+    check_zero_parameter_alignment(twelve, True, 3, {**one_gpu, "accelerator": "cpu"})

@@ -104,3 +104,19 @@ def test_a_forward_stopped_early_is_counted_as_what_ran():
         model(inputs, layout, t, stop_after_block=1)
     assert hook.total == forward_flops(layout, batch=2, blocks=2)
     hook.remove()
+
+
+def test_mfu_peak_is_dense_on_an_h200(monkeypatch):
+    """nvidia-smi's plain "NVIDIA H200" matched nothing in Lightning's table (perf/mfu was empty on
+    the lent H200), and its "h200 sxm1" entry is the sparse 2.0e15: our peak is the dense 989.4e12,
+    the H100 SXM's; every other GPU keeps Lightning's figure."""
+
+    from train.throughput import peak_flops
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert peak_flops(cuda, torch.bfloat16) == 989.4e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops(cuda, torch.bfloat16) == 989.4e12  # Lightning's "h100 sxm"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(cuda, torch.bfloat16) == 756e12

@@ -85,3 +85,36 @@ def check_memory(cluster: ClusterConfig, est: MemoryEstimate, what: str, zero_st
         f"{cluster.gpu_memory_gb:g} GB: use strategy=zero3, activation_checkpointing=full, more GPUs, "
         "strategy.offload_optimizer=true (optimizer states in CPU memory) or a smaller data.loader.batch_size / clip"
     )
+
+
+
+def check_zero_parameter_alignment(model: torch.nn.Module, compile_: bool, zero_stage: int, trainer_cfg: dict) -> None:
+    """Refuse, on GPUs, ZeRO runs whose parameters would sit off 16-byte alignment.
+
+    DeepSpeed's bf16 keeps the module's parameters as views into one flat buffer, each at the
+    running sum of the sizes before it (ZeRO-1/2 on every rank; ZeRO-3 when one rank holds
+    everything, so nothing is gathered). A parameter of, say, 12 elements (a 12-head gate's bias,
+    24 bytes) leaves every parameter after it unaligned (checked on CPU with deepspeed 0.19.8).
+    On an H200 that stopped a run at its first step: ZeRO-3 on one GPU with model.n_heads=12 at
+    dim 1536 and compiled blocks failed in cuBLASLt's fused bias GEMM (CUBLAS_STATUS_EXECUTION_FAILED,
+    then "CUDA error: misaligned address"), while the same run with n_heads=16, or with
+    compile=false, trained. With compile=false DeepSpeed's ZeRO-3 linear adds the bias apart
+    (train/strategy.py turns that linear off for compiled blocks); ZeRO-3 across several ranks
+    gathers each parameter into a fresh, aligned tensor. ZeRO-1/2 on GPUs were not run with such
+    sizes; they are refused too, as their parameters are the same unaligned views.
+    `model`: a meta-device copy of the network."""
+    on_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda") or (
+        trainer_cfg.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
+    if not on_gpu or zero_stage == 0 or (zero_stage == 3 and (world_size(trainer_cfg) > 1 or not compile_)):
+        return
+    bf16_bytes = 2
+    odd = [f"{name} ({p.numel()})" for name, p in model.named_parameters() if p.numel() * bf16_bytes % 16]
+    if odd:
+        shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
+        where = "on one GPU with compile=true" if zero_stage == 3 else ""
+        raise ConfigError(
+            f"ZeRO-{zero_stage}{' ' + where if where else ''}: parameters whose size is not a multiple of 8 elements ({shown}) "
+            "leave the parameters after them unaligned in DeepSpeed's flat buffer, where GPU kernels fail on them "
+            "('misaligned address'); use a model whose parameter sizes are multiples of 8 (model.n_heads a multiple of 8), "
+            + ("or compile=false, or more than one GPU" if zero_stage == 3 else "or strategy=zero3 on more than one GPU")
+        )

@@ -132,11 +132,12 @@ def run_pretrain(cfg: DictConfig) -> None:
 
 def check_cluster(cfg: DictConfig, probe, codec, loader_cfg, text_len: int, run: RunConfig, distill: DistillConfig | None = None) -> None:
     """The cluster preset against this machine and the model, before any process group exists:
-    GPUs, launcher variables, and the memory per GPU estimated from `probe`, a meta-device copy
+    GPUs, launcher variables, parameter sizes DeepSpeed can align, and the memory per GPU
+    estimated from `probe`, a meta-device copy
     of the network (distill: the distill stage's settings, which train two such networks next to
     the teacher, or None for pretraining)."""
     from model import count_parameters
-    from train.cluster import ClusterConfig, check_launch, check_memory, world_size
+    from train.cluster import ClusterConfig, check_zero_parameter_alignment, check_launch, check_memory, world_size
     from train.memory import TrainingSetup, estimate_distill_per_gpu, estimate_per_gpu
     from train.sequence import tokens_per_sample
     from train.strategy import StrategyConfig
@@ -144,14 +145,15 @@ def check_cluster(cfg: DictConfig, probe, codec, loader_cfg, text_len: int, run:
     cluster = to_object(ClusterConfig, cfg.get("cluster"), "cluster")
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_launch(cluster, trainer_cfg)
+    strategy = to_object(StrategyConfig, cfg.strategy, "strategy")
+    zero = strategy.name == "zero"
+    check_zero_parameter_alignment(probe, run.compile, strategy.stage if zero else 0, trainer_cfg)
     if cluster.gpu_memory_gb <= 0:
         return
     tokens = loader_cfg.batch_size * max(
         tokens_per_sample(probe.args, codec, loader_cfg.clip_seconds, loader_cfg.fps, loader_cfg.sample_rate, h, w, text_len)
         for _, h, w in loader_cfg.buckets
     )
-    strategy = to_object(StrategyConfig, cfg.strategy, "strategy")
-    zero = strategy.name == "zero"
     setup = TrainingSetup(
         count_parameters(probe), probe.args.n_layers, probe.args.dim, tokens, strategy.stage if zero else 0, world_size(trainer_cfg),
         resolve_precision(trainer_cfg.get("precision", "auto")), ema=run.ema_decay > 0,

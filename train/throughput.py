@@ -9,8 +9,8 @@ must stay free of host syncs, so this callback keeps Lightning's `Throughput` ar
   between two logs covers all steps in between, and restarts its clock after the other
   callbacks of a logging step (samples, checkpoints) have run.
 Metrics (this device): perf/tokens_per_sec, perf/samples_per_sec, perf/tflops_per_sec,
-perf/seconds_per_step, perf/mfu (when the peak is known: Lightning's table for the GPU, or
-`run.peak_flops`), perf/max_memory_allocated_gb (GPU).
+perf/seconds_per_step, perf/mfu (when the peak is known: `run.peak_flops`, else DENSE_PEAK_FLOPS
+below or Lightning's table for the GPU), perf/max_memory_allocated_gb (GPU).
 """
 
 import time
@@ -52,6 +52,22 @@ class ModelFlops:
             h.remove()
 
 
+# Dense bf16/fp16 tensor-core peaks where Lightning's table has none or a wrong one: nvidia-smi
+# names the H200 SXM plainly "NVIDIA H200", which matches no entry of Lightning 2.6's table (so
+# perf/mfu was missing on the H200), and its "h200 sxm1" entry, 2.0e15, is the datasheet's figure
+# with 2:4 sparsity. The H200's dense rate is the H100 SXM's (same chip, same clocks).
+DENSE_PEAK_FLOPS = {"NVIDIA H200": 989.4e12}
+
+
+def peak_flops(device: torch.device, dtype) -> float | None:
+    """The peak FLOP/s MFU is taken against: ours for the GPUs above, else Lightning's table."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        dense = DENSE_PEAK_FLOPS.get(torch.cuda.get_device_name(device))
+        if dense is not None:
+            return dense
+    return get_available_flops(device, dtype)
+
+
 class ThroughputCallback(L.Callback):
     def __init__(self, peak_flops: float | None = None):
         self.peak_flops = peak_flops
@@ -60,7 +76,7 @@ class ThroughputCallback(L.Callback):
     def setup(self, trainer, pl_module, stage):
         peak = self.peak_flops
         if peak is None:
-            peak = get_available_flops(trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin))
+            peak = peak_flops(trainer.strategy.root_device, _plugin_to_compute_dtype(trainer.precision_plugin))
         # window 2: every logged rate covers the steps since the previous log
         self._throughput = Throughput(available_flops=peak, world_size=1, window_size=2)
         self._restart = True

@@ -3,20 +3,23 @@
 # included): two device calls, the most wanted numbers first.
 #
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~60 MiB)
-#   call 1:      bash bench/device/check.sh perf     # carry [".whl"], timeout_s 450 (steps: 400 s + setup)
-#   call 2:      bash bench/device/check.sh presets  # carry [".whl"], timeout_s 300 (steps: 250 s + setup)
-#   results:     $OUT/*.json, *.md, *.csv, log.txt, env.txt -> bench/results/ (name them by date and device)
+#   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
+#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 450 (steps: 415 s + setup)
+#   call 2:      bash bench/device/check.sh presets zero2|zero3  # carry [".whl"], timeout_s 300 (steps: 250 s + setup)
+#   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date and device)
+# Measured so far: bench/results/*_h200_2026-11-26* (perf, presets zero3, with the n_heads=16 below).
 #
 # With a start of 1-2 minutes the two calls leave about a minute; send call 2 at once (the machine
 # stays warm 30 s). If call 1 fails early, mend it here and rerun it instead of call 2. Each step
 # has its own timeout and the benches rewrite their result after each case, so a step stopped at
 # its limit keeps the cases it finished. $OUT comes back with at most 8 files: perf writes 8,
-# presets 6.
+# presets 6 (7 when .ref is carried: the reference block then runs last).
 #
 # Rehearse on CPU (tiny sizes; the same steps, paths and overrides, plus CPU settings):
 #   AVGEN_REHEARSE=1 bash bench/device/check.sh perf|presets     (OUT defaults to /tmp/device_check)
 set -uo pipefail
-part=${1:?usage: bench/device/check.sh perf|presets}
+part=${1:?usage: bench/device/check.sh perf|presets [zero2|zero3]}
+stage=${2:-zero2}  # presets: ZeRO-3 ran on 2026-11-26 (H200); ZeRO-2 has not run on a GPU yet
 OUT=${OUT:-/tmp/device_check}
 RUNS=${RUNS:-/tmp/device_check_runs}
 mkdir -p "$OUT"
@@ -42,37 +45,56 @@ if [ -z "$rehearse" ]; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 WANDB_MODE=offline
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -m pip check 2>&1; } > "$OUT/env.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -m pip check 2>&1; } >> "$LOG"
 $PY -c "import torch, lightning, deepspeed, hydra, omegaconf, wandb, av, webdataset, einops, safetensors; print('imports ok: torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'cuda', torch.cuda.is_available())" \
-    2>&1 | tee -a "$OUT/env.txt" | grep "imports ok" >/dev/null || { cat "$OUT/env.txt"; exit 1; }  # grep reads all: no SIGPIPE to tee
+    2>&1 | tee -a "$LOG" | grep "imports ok" >/dev/null || { cat "$LOG"; exit 1; }  # grep reads all: no SIGPIPE to tee
+
+# The team's reference block (../shared/bench/reference_block.py, trimmed to the two cases the
+# targets are stated against) on this card: a lent card may be an H200, and the reference
+# numbers are an H100's. The proxy's "of ref. block" is then taken against this card's number.
+reference_block() {
+    if [ -z "$rehearse" ] && [ -f .ref/anchor.py ]; then
+        step 50 reference_block $PY .ref/anchor.py
+    fi
+}
 
 if [ "$part" = perf ]; then
     if [ -n "$rehearse" ]; then
         PROXY=(--preset tiny --device cpu --steps 1 --warmup 2) T16=300 T32=1200 HH=(--preset tiny --clips 64x64x1 64x64x2 --repeats 1 --device cpu)
     else
-        PROXY=(--preset proxy --steps 5 --warmup 2) T16=16384 T32=32768 HH=(--clips 1920x1080x5 1280x720x5 1920x1080x15 --repeats 1)
+        PROXY=(--preset proxy --steps 5 --warmup 2) T16=16384 T32=32768 HH=(--clips 1920x1080x5 1280x720x5 --repeats 1)
+    fi
+    reference_block
+    REF=()
+    if [ -f "$OUT/anchor.json" ]; then
+        REF=(--reference-block-tflops "$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['block_d5120_N16384_train_compiled_tflops'])" "$OUT/anchor.json")")
     fi
     # 7.1: the real training step of the proxy (hh15b width, 1 + 4 + 1 layers), compiled, no
     # recompute: at 16K tokens with the text padding mask (as training runs) and without it.
-    # The first step's time is the compilation.
-    step 180 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text padded full --ac none --out "$OUT"
-    # 7.2: hh15b sampling latency, eager, layers timed at two depths and extrapolated to 40;
-    # the 8-step 5 s 1080p target first.
-    step 120 sample $PY bench/sample.py "${HH[@]}" --out "$OUT"
-    # 7.1 at 32K tokens: 48 GiB of state + <= 32 GiB of activations without recompute, at the edge of
-    # an H100 (last, so an out-of-memory costs nothing else).
-    step 100 train_step_32k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T32 --ac none --out "$OUT" --tag _32k
+    # The first step's time is the compilation. On the H200 (2026-11-26) it peaked at 75.8 GiB:
+    # at the edge of an H100.
+    step 145 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text padded full --ac none "${REF[@]}" --out "$OUT"
+    # 7.2: hh15b sampling latency, compiled blocks (eager ran on 2026-11-26: 206 ms a layer at
+    # 1080p 5 s, the reference block's compiled time), layers timed at two depths and
+    # extrapolated to 40; the 8-step 5 s 1080p target first.
+    step 120 sample $PY bench/sample.py "${HH[@]}" --compile --out "$OUT"
+    # 7.1 at 32K tokens with selective recompute: without it the proxy peaked at 98.9 GiB on the
+    # H200, more than an H100 holds (last, so an out-of-memory costs nothing else).
+    step 100 train_step_32k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T32 --ac selective "${REF[@]}" --out "$OUT" --tag _32k
     exit 0
 fi
 [ "$part" = presets ] || { echo "unknown part $part: perf or presets"; exit 2; }
+case $stage in zero2|zero3) ;; *) echo "unknown ZeRO stage $stage: zero2 or zero3"; exit 2 ;; esac
 
-# 6.6: the h100x8 preset on this one GPU (ZeRO-3, bf16, compiled blocks, full activation
+# 6.6: the h100x8 preset on this one GPU (ZeRO-2 or -3, bf16, compiled blocks, full activation
 # checkpointing): pretraining of a mid-size model (dim 1536, 1 + 6 + 1 layers, 0.39B) on 128x128
-# clips of 2 s (~6.3K tokens), then distillation (one engine per network) from its export. ZeRO-2
-# (which runs compiled on CPU as is) and longer runs do not fit this lease: the next one.
+# clips of 2 s (~6.3K tokens), then distillation (one engine per network) from its export. One
+# stage per lease; longer runs do not fit one. 16 heads, not 12: with 12 the gate biases
+# (12 elements) unalign DeepSpeed's flat buffer and the H200 run failed ("misaligned address";
+# train/cluster.py check_zero_parameter_alignment now refuses that before starting).
 # Memory per GPU and step time: the runs' perf/* metrics, each run's CSV copied to $OUT as soon as
 # it ends (a later step cut short loses nothing), summarised at the end.
-MID=(model.dim=1536 model.n_heads=12 model.n_kv_heads=4 model.mlp_hidden=4096 model.n_modality_in=1 model.n_shared=6 model.n_modality_out=1)
+MID=(model.dim=1536 model.n_heads=16 model.n_kv_heads=4 model.mlp_hidden=4096 model.n_modality_in=1 model.n_shared=6 model.n_modality_out=1)
 WORKERS=4  # the synthetic set has 4 shards: at most 4 loader workers on one rank
 STEPS_PRE=50 STEPS_DISTILL=30 LOG_EVERY=10
 CLUSTER=(+cluster=h100x8 trainer.devices=1)
@@ -84,10 +106,11 @@ DATA=('data.loader.buckets=[["1:1",128,128]]' data.loader.num_workers=$WORKERS)
 SHORT=(trainer.log_every_n_steps=$LOG_EVERY sample.steps=2)
 keep_metrics() { cp "$RUNS/$1"/metrics/version_0/metrics.csv "$OUT/metrics_$1.csv" 2>/dev/null || echo "$1: no metrics" | tee -a "$LOG"; }
 rm -rf "$RUNS"
-step 130 pretrain_zero3 $PY -m train pretrain "${CLUSTER[@]}" strategy=zero3 "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
-    trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_zero3"
-keep_metrics pretrain_zero3
-step 120 distill_zero3 $PY -m train distill "${CLUSTER[@]}" strategy=zero3 teacher="$RUNS/pretrain_zero3/export/model.safetensors" \
-    "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_zero3"
-keep_metrics distill_zero3
+step 130 pretrain_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
+    trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_$stage"
+keep_metrics pretrain_$stage
+step 120 distill_$stage $PY -m train distill "${CLUSTER[@]}" strategy=$stage teacher="$RUNS/pretrain_$stage/export/model.safetensors" \
+    "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_$stage"
+keep_metrics distill_$stage
 $PY bench/device/preset_runs.py "$RUNS" "$OUT" 2>&1 | tee -a "$LOG"
+reference_block
