@@ -171,11 +171,12 @@ def test_selective_checkpointing_with_compiled_zero3_blocks_is_refused(tmp_path)
 
 
 
-def test_zero_refuses_parameter_sizes_that_unalign_its_flat_buffer():
+
+def test_zero_refuses_parameter_sizes_that_unalign_its_flat_buffer(monkeypatch):
     """model.n_heads=12 at dim 1536 gives 12-element gate biases, which leave the parameters after
-    them off 16-byte alignment in DeepSpeed's flat buffer: ZeRO-3 on one H200 with compiled blocks
-    stopped with 'misaligned address' (n_heads=16 ran, and so did compile=false). Refused before
-    any process group; the settings where the parameters are aligned, or that ran, pass."""
+    them off 16-byte alignment in DeepSpeed's flat buffer: ZeRO-3 on one H200 stopped with
+    'misaligned address' (n_heads=16 ran). Refused before any process group; the settings where
+    every parameter is aligned, or gathered into its own tensor, pass."""
     import torch
 
     from model import build_model
@@ -186,16 +187,25 @@ def test_zero_refuses_parameter_sizes_that_unalign_its_flat_buffer():
         twelve = build_model(**vars(hh15b_args(**mid, n_heads=12)))
         sixteen = build_model(**vars(hh15b_args(**mid, n_heads=16)))
         hh15b = build_model(**vars(hh15b_args(n_shared=1, n_modality_in=1, n_modality_out=1)))
-    one_gpu = {"accelerator": "gpu", "devices": 1, "num_nodes": 1}
+    one_gpu = {"accelerator": "gpu", "devices": 1, "num_nodes": 1, "precision": "bf16-mixed"}
     eight_gpus = {**one_gpu, "devices": 8}
-    with pytest.raises(ConfigError, match=r"ZeRO-3 on one GPU with compile=true: .*gate\.proj\.bias \(12\).*model\.n_heads a multiple of 8"):
-        check_zero_parameter_alignment(twelve, True, 3, one_gpu)
+    with pytest.raises(ConfigError, match=r"ZeRO-3 on one GPU: .*gate\.proj\.bias \(12\).*model\.n_heads a multiple of 8"):
+        check_zero_parameter_alignment(twelve, 3, one_gpu)
     with pytest.raises(ConfigError, match=r"ZeRO-2: .*\(12\).*or strategy=zero3 on more than one GPU"):
-        check_zero_parameter_alignment(twelve, False, 2, eight_gpus)
-    check_zero_parameter_alignment(sixteen, True, 3, one_gpu)
-    check_zero_parameter_alignment(sixteen, True, 2, eight_gpus)
-    check_zero_parameter_alignment(hh15b, True, 3, one_gpu)  # the production width: every size a multiple of 8
-    check_zero_parameter_alignment(twelve, False, 3, one_gpu)  # ran: ZeRO-3's own linear adds the bias apart
-    check_zero_parameter_alignment(twelve, True, 3, eight_gpus)  # gathered parameters are fresh tensors
-    check_zero_parameter_alignment(twelve, True, 0, one_gpu)  # DDP: every parameter its own tensor
-    check_zero_parameter_alignment(twelve, True, 3, {**one_gpu, "accelerator": "cpu"})
+        check_zero_parameter_alignment(twelve, 2, eight_gpus)
+    check_zero_parameter_alignment(sixteen, 3, one_gpu)
+    check_zero_parameter_alignment(sixteen, 2, eight_gpus)
+    check_zero_parameter_alignment(hh15b, 3, one_gpu)  # the production width: every size a multiple of 8
+    check_zero_parameter_alignment(twelve, 3, eight_gpus)  # gathered parameters are fresh tensors
+    check_zero_parameter_alignment(twelve, 3, {**one_gpu, "devices": [0, 1]})
+    check_zero_parameter_alignment(twelve, 0, one_gpu)  # DDP: every parameter its own tensor
+    check_zero_parameter_alignment(twelve, 2, {**eight_gpus, "precision": "32-true"})  # 12 fp32 elements: 48 bytes
+    check_zero_parameter_alignment(twelve, 3, {**one_gpu, "accelerator": "cpu"})
+    # accelerator and devices "auto": this machine's GPUs decide
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    auto = {**one_gpu, "accelerator": "auto", "devices": "auto"}
+    check_zero_parameter_alignment(twelve, 3, auto)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="ZeRO-3 on one GPU"):
+        check_zero_parameter_alignment(twelve, 3, auto)

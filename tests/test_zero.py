@@ -126,12 +126,9 @@ def test_compiled_zero3_turns_off_deepspeeds_linear_replacement():
 
 
 UNALIGNED_VIEWS = """
-import os, socket, sys, torch, deepspeed
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-deepspeed.init_distributed("gloo")
+import os, sys, torch, torch.distributed as dist, deepspeed
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # one process: no port to race for
 width = int(sys.argv[2])  # the first layer's bias: 12 elements (24 bytes) or 16 (32 bytes)
 net = torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Linear(width, 16))
 config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": int(sys.argv[1])}, "bf16": {"enabled": True},

@@ -88,33 +88,40 @@ def check_memory(cluster: ClusterConfig, est: MemoryEstimate, what: str, zero_st
 
 
 
-def check_zero_parameter_alignment(model: torch.nn.Module, compile_: bool, zero_stage: int, trainer_cfg: dict) -> None:
+
+def check_zero_parameter_alignment(model: torch.nn.Module, zero_stage: int, trainer_cfg: dict) -> None:
     """Refuse, on GPUs, ZeRO runs whose parameters would sit off 16-byte alignment.
 
-    DeepSpeed's bf16 keeps the module's parameters as views into one flat buffer, each at the
-    running sum of the sizes before it (ZeRO-1/2 on every rank; ZeRO-3 when one rank holds
-    everything, so nothing is gathered). A parameter of, say, 12 elements (a 12-head gate's bias,
-    24 bytes) leaves every parameter after it unaligned (checked on CPU with deepspeed 0.19.8).
-    On an H200 that stopped a run at its first step: ZeRO-3 on one GPU with model.n_heads=12 at
-    dim 1536 and compiled blocks failed in cuBLASLt's fused bias GEMM (CUBLAS_STATUS_EXECUTION_FAILED,
-    then "CUDA error: misaligned address"), while the same run with n_heads=16, or with
-    compile=false, trained. With compile=false DeepSpeed's ZeRO-3 linear adds the bias apart
-    (train/strategy.py turns that linear off for compiled blocks); ZeRO-3 across several ranks
-    gathers each parameter into a fresh, aligned tensor. ZeRO-1/2 on GPUs were not run with such
-    sizes; they are refused too, as their parameters are the same unaligned views.
-    `model`: a meta-device copy of the network."""
+    DeepSpeed keeps the module's parameters as views into one flat buffer, each at the running
+    sum of the sizes before it (ZeRO-1/2 on every rank; ZeRO-3 when one rank holds everything,
+    so nothing is gathered). A parameter of, say, 12 bf16 elements (a 12-head gate's bias, 24
+    bytes) leaves every parameter after it unaligned (tests/test_zero.py checks this on CPU).
+    On an H200 that stopped a run at its first step: ZeRO-3 on one GPU, model.n_heads=12 at dim
+    1536, compiled blocks, "CUDA error: misaligned address" after CUBLAS_STATUS_EXECUTION_FAILED
+    in a fused-bias GEMM; with n_heads=16 the same run trained. Most likely the unaligned weights,
+    though the failing kernel was not isolated: the same 12-head run with compile=false trained
+    its 3 steps, for no reason we know (DeepSpeed's own linear, on there, runs the same GEMM), so
+    it is refused as well. ZeRO-3 across several ranks gathers each parameter into a fresh tensor
+    (DeepSpeed's all-gather handles) and passes. ZeRO-1/2 were not run on a GPU with such sizes;
+    their parameters are the same unaligned views, so they are refused too.
+    `model`: a meta-device copy of the network (the distill critic's GAN head, built later, ends
+    the parameter order and unaligns nothing)."""
     on_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda") or (
         trainer_cfg.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
-    if not on_gpu or zero_stage == 0 or (zero_stage == 3 and (world_size(trainer_cfg) > 1 or not compile_)):
+    if not on_gpu or zero_stage == 0:
         return
-    bf16_bytes = 2
-    odd = [f"{name} ({p.numel()})" for name, p in model.named_parameters() if p.numel() * bf16_bytes % 16]
+    ranks = world_size(trainer_cfg)
+    if trainer_cfg.get("devices", 1) in ("auto", -1, "-1"):
+        ranks = torch.cuda.device_count() * int(trainer_cfg.get("num_nodes", 1))
+    if zero_stage == 3 and ranks > 1:
+        return
+    itemsize = 2 if "16" in str(trainer_cfg.get("precision", "")) else 4  # DeepSpeed holds the weights in the run's precision
+    odd = [f"{name} ({p.numel()})" for name, p in model.named_parameters() if p.numel() * itemsize % 16]
     if odd:
         shown = ", ".join(odd[:3]) + (f" and {len(odd) - 3} more" if len(odd) > 3 else "")
-        where = "on one GPU with compile=true" if zero_stage == 3 else ""
         raise ConfigError(
-            f"ZeRO-{zero_stage}{' ' + where if where else ''}: parameters whose size is not a multiple of 8 elements ({shown}) "
-            "leave the parameters after them unaligned in DeepSpeed's flat buffer, where GPU kernels fail on them "
-            "('misaligned address'); use a model whose parameter sizes are multiples of 8 (model.n_heads a multiple of 8), "
-            + ("or compile=false, or more than one GPU" if zero_stage == 3 else "or strategy=zero3 on more than one GPU")
+            f"ZeRO-{zero_stage}{' on one GPU' if zero_stage == 3 else ''}: parameters whose size is not a multiple of 16 "
+            f"bytes ({shown}) leave the parameters after them unaligned in DeepSpeed's flat buffer, where a run on an H200 "
+            "failed with 'misaligned address'; use a model whose parameter sizes are multiples of 8 (model.n_heads a "
+            "multiple of 8), " + ("or more than one GPU" if zero_stage == 3 else "or strategy=zero3 on more than one GPU")
         )

@@ -144,10 +144,11 @@ def check_cluster(cfg: DictConfig, probe, codec, loader_cfg, text_len: int, run:
 
     cluster = to_object(ClusterConfig, cfg.get("cluster"), "cluster")
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = resolve_precision(trainer_cfg.get("precision", "auto"))
     check_launch(cluster, trainer_cfg)
     strategy = to_object(StrategyConfig, cfg.strategy, "strategy")
     zero = strategy.name == "zero"
-    check_zero_parameter_alignment(probe, run.compile, strategy.stage if zero else 0, trainer_cfg)
+    check_zero_parameter_alignment(probe, strategy.stage if zero else 0, trainer_cfg)
     if cluster.gpu_memory_gb <= 0:
         return
     tokens = loader_cfg.batch_size * max(
@@ -156,7 +157,7 @@ def check_cluster(cfg: DictConfig, probe, codec, loader_cfg, text_len: int, run:
     )
     setup = TrainingSetup(
         count_parameters(probe), probe.args.n_layers, probe.args.dim, tokens, strategy.stage if zero else 0, world_size(trainer_cfg),
-        resolve_precision(trainer_cfg.get("precision", "auto")), ema=run.ema_decay > 0,
+        trainer_cfg["precision"], ema=run.ema_decay > 0,
         activation_checkpointing=run.activation_checkpointing == "full",  # selective keeps ~all: counted as none
         offload_optimizer=zero and strategy.offload_optimizer, offload_parameters=zero and strategy.offload_parameters,
     )

@@ -55,7 +55,8 @@ class ModelFlops:
 # Dense bf16/fp16 tensor-core peaks where Lightning's table has none or a wrong one: nvidia-smi
 # names the H200 SXM plainly "NVIDIA H200", which matches no entry of Lightning 2.6's table (so
 # perf/mfu was missing on the H200), and its "h200 sxm1" entry, 2.0e15, is the datasheet's figure
-# with 2:4 sparsity. The H200's dense rate is the H100 SXM's (same chip, same clocks).
+# with 2:4 sparsity. The H200's dense rate is the H100 SXM's (same chip, same clocks). (Lightning's
+# "h100 nvl" entry, 1978.8e12, looks like a sparse figure too; left as is, no such card was seen.)
 DENSE_PEAK_FLOPS = {"NVIDIA H200": 989.4e12}
 
 

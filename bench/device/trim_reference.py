@@ -25,6 +25,7 @@ def trim(source: str) -> str:
     if len(loop.findall(source)) != 1:
         raise SystemExit("reference_block.py: the block-case loop changed; update trim()")
     source = loop.sub(lambda _: f"for d, h, N, train, comp in {CASES}:\n", source)
+    source = "# Trimmed by bench/device/trim_reference.py: no SDPA sweep, two block cases.\n" + source
     compile(source, "anchor.py", "exec")
     return source
 
