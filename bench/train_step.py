@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -87,8 +88,8 @@ class StepTimer(L.Callback):
     """Wall time of each training step (data transfer to optimizer step and EMA), the device
     synchronised on both sides; FLOPs counted by the same hook as training's perf/mfu."""
 
-    def __init__(self, warmup: int):
-        self.warmup, self.times, self.flops, self.first_step_s = warmup, [], [], None
+    def __init__(self, warmup: int, stop: int):
+        self.warmup, self.stop, self.times, self.flops, self.first_step_s = warmup, stop, [], [], None
 
     def on_train_start(self, trainer, module):  # after configure_model has built the model
         self.counter = ModelFlops(module)
@@ -110,9 +111,62 @@ class StepTimer(L.Callback):
         elapsed = time.perf_counter() - self.start
         if batch_idx == 0:
             self.first_step_s = elapsed
-        if batch_idx >= self.warmup:
+        if self.warmup <= batch_idx < self.stop:
             self.times.append(elapsed)
             self.flops.append(self.counter.total)
+
+
+class StepProfiler(L.Callback):
+    """torch.profiler over one training step (batch `at`, after the timed ones, so the timings
+    carry no profiler overhead): the `top` operators by self time on the device (on the host
+    when there is no GPU), with their share of the step's total, to split a step's time by
+    kernel (matmuls, attention, optimizer, elementwise) within one device call."""
+
+    def __init__(self, at: int, top: int = 30):
+        self.at, self.top, self.rows, self.total_ms, self.error = at, top, [], None, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx == self.at:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if module.device.type == "cuda":
+                torch.cuda.synchronize()
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if batch_idx != self.at:
+            return
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.prof.__exit__(None, None, None)
+        try:
+            self._summarise(module.device.type == "cuda")
+        except Exception as e:  # a profile is extra: it must not cost the case its timings
+            self.error = f"{type(e).__name__}: {e}"
+            print(f"profile failed: {self.error}")
+
+    def _summarise(self, on_gpu: bool):
+        if on_gpu:
+            # the GPU's own events (kernels, copies), as PyTorch's table totals them: the host
+            # ops that launched them and user annotations carry the same time again
+            events = [e for e in self.prof.key_averages() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+            self_us = [e.self_device_time_total for e in events]
+        else:
+            events = list(self.prof.key_averages())
+            self_us = [e.self_cpu_time_total for e in events]
+        timed = [(us, e) for us, e in zip(self_us, events) if us > 0]
+        total = sum(us for us, _ in timed)
+        self.total_ms = total / 1e3
+        ranked = sorted(timed, key=lambda pair: -pair[0])[: self.top]
+        self.rows = [{"op": e.key[:160], "calls": e.count, "self_ms": round(us / 1e3, 3), "share": round(us / total, 4)} for us, e in ranked]
+
+
+def profile_table(profile: dict) -> str:
+    lines = [f"profile of one step: {profile['total_ms']:.1f} ms of self time on the {profile['clock']}",
+             "| op | calls | self ms | share |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{r['op']}` | {r['calls']} | {r['self_ms']} | {100 * r['share']:.1f}% |" for r in profile["top"]]
+    return "\n".join(lines)
 
 
 def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
@@ -133,7 +187,7 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
     }
     if device.type == "cuda":
         batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
-    n_steps = args.warmup + args.steps
+    n_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step comes after the timed ones
     loader = torch.utils.data.DataLoader([batch] * n_steps, batch_size=None)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,11 +197,12 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
         # ModelArgs, as `python -m train pretrain` passes them: the module builds the model in
         # configure_model, on the device.
         module = PretrainModule(margs, codec, flow, OptimConfig(warmup_steps=1), run, meta)
-        timer = StepTimer(args.warmup)
+        timer = StepTimer(args.warmup, args.warmup + args.steps)
+        profiler = StepProfiler(at=args.warmup + args.steps) if args.profile else None
         trainer = L.Trainer(
             accelerator=device.type, devices=1, precision="bf16-mixed" if device.type == "cuda" else "32-true",
             max_steps=n_steps, gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=[timer], default_root_dir=tmp,
+            enable_model_summary=False, callbacks=[timer] + ([profiler] if profiler else []), default_root_dir=tmp,
         )
         with attention_backends(run.attention_backends):
             trainer.fit(module, train_dataloaders=loader)
@@ -167,6 +222,12 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
         "of_reference_block": round(flops / step_s / 1e12 / args.reference_block_tflops, 4) if device.type == "cuda" else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     }
+    if profiler is not None:
+        row["profile"] = {"clock": "GPU" if device.type == "cuda" else "CPU", "total_ms": profiler.total_ms, "top": profiler.rows}
+        if profiler.error:
+            row["profile"]["error"] = profiler.error
+        else:
+            print(profile_table(row["profile"]))
     del module, trainer
     gc.collect()  # trainer <-> module and block <-> compiled forward are cycles: free the EMA and states before the next case
     if device.type == "cuda":
@@ -203,6 +264,9 @@ def main(argv=None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="", help="suffix of the result file name")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed steps, profile one more step (torch.profiler): its top operators by self time go "
+                        "into the json (\"profile\") and the log")
     p.add_argument("--reference-block-tflops", type=float, default=REFERENCE_BLOCK_TFLOPS,
                    help="the reference block's training TFLOP/s on this card (../shared/bench/reference_block.py; "
                         "default: the H100's); bench/device/check.sh measures it in the same lease")

@@ -43,6 +43,17 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
     assert rows[0]["model_flops_per_step"] == train_flops(layout)
 
 
+def test_train_step_bench_profiles_one_step_after_the_timed_ones(tmp_path):
+    (row,) = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                              "--profile", "--out", str(tmp_path)])["results"]
+    assert row["steps_timed"] == 2  # the profiled step is not among them
+    prof = row["profile"]
+    assert prof["clock"] == "CPU" and prof["total_ms"] > 0
+    shares = [r["share"] for r in prof["top"]]
+    assert 0 < len(shares) <= 30 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-6
+    assert any("mm" in r["op"] for r in prof["top"])  # the step's matmuls are in it
+
+
 def test_sample_bench_extrapolates_layers_on_cpu(tmp_path):
     result = sample.main(["--preset", "tiny", "--clips", "64x64x1", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
     assert (tmp_path / f"sample_cpu_{result['date']}.md").is_file()

@@ -74,9 +74,10 @@ if [ "$part" = perf ]; then
     [ -n "$ref" ] && REF=(--reference-block-tflops "$ref")
     # 7.1: the real training step of the proxy (hh15b width, 1 + 4 + 1 layers), compiled, no
     # recompute: at 16K tokens with the text padding mask (as training runs) and without it.
-    # The first step's time is the compilation. On the H200 (2026-11-26) it peaked at 75.8 GiB:
-    # at the edge of an H100.
-    step 145 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text padded full --ac none "${REF[@]}" --out "$OUT"
+    # The first step's time is the compilation; one more step per case is profiled (its top
+    # kernels go into the json: where the masked and the unmasked step spend their time). On the
+    # H200 (2026-11-26) it peaked at 75.8 GiB: at the edge of an H100.
+    step 145 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text padded full --ac none --profile "${REF[@]}" --out "$OUT"
     # 7.2: hh15b sampling latency, compiled blocks (eager ran on 2026-11-26: 206 ms a layer at
     # 1080p 5 s, the reference block's compiled time), layers timed at two depths and
     # extrapolated to 40; the 8-step 5 s 1080p target first.
