@@ -87,8 +87,6 @@ def check_memory(cluster: ClusterConfig, est: MemoryEstimate, what: str, zero_st
     )
 
 
-
-
 def check_zero_parameter_alignment(model: torch.nn.Module, zero_stage: int, trainer_cfg: dict) -> None:
     """Refuse, on GPUs, ZeRO runs whose parameters would sit off 16-byte alignment.
 

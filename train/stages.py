@@ -133,11 +133,10 @@ def run_pretrain(cfg: DictConfig) -> None:
 def check_cluster(cfg: DictConfig, probe, codec, loader_cfg, text_len: int, run: RunConfig, distill: DistillConfig | None = None) -> None:
     """The cluster preset against this machine and the model, before any process group exists:
     GPUs, launcher variables, parameter sizes DeepSpeed can align, and the memory per GPU
-    estimated from `probe`, a meta-device copy
-    of the network (distill: the distill stage's settings, which train two such networks next to
-    the teacher, or None for pretraining)."""
+    estimated from `probe`, a meta-device copy of the network (distill: the distill stage's
+    settings, which train two such networks next to the teacher, or None for pretraining)."""
     from model import count_parameters
-    from train.cluster import ClusterConfig, check_zero_parameter_alignment, check_launch, check_memory, world_size
+    from train.cluster import ClusterConfig, check_launch, check_memory, check_zero_parameter_alignment, world_size
     from train.memory import TrainingSetup, estimate_distill_per_gpu, estimate_per_gpu
     from train.sequence import tokens_per_sample
     from train.strategy import StrategyConfig
