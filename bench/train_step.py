@@ -132,14 +132,14 @@ class StepProfiler(L.Callback):
                 torch.cuda.synchronize()
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=activities)
-            self.prof.__enter__()
+            self.prof.start()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if batch_idx != self.at:
             return
         if module.device.type == "cuda":
             torch.cuda.synchronize()
-        self.prof.__exit__(None, None, None)
+        self.prof.stop()
         try:
             self._summarise(module.device.type == "cuda")
         except Exception as e:  # a profile is extra: it must not cost the case its timings

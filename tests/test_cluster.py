@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT / "launch"))
 import slurm  # noqa: E402
 
 HH15B = 14_970_000_000  # conf/model/hh15b.yaml, counted on the meta device (README)
+H100 = ClusterConfig(name="h100x64", gpu_memory_gb=80)
+TOKENS_5S_1080P = 63_000
 
 
 def hh15b_args(**overrides) -> ModelArgs:
@@ -28,8 +30,6 @@ def hh15b_args(**overrides) -> ModelArgs:
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "hh15b.yaml"))
     cfg.pop("_target_")
     return ModelArgs(**{**cfg, **overrides})
-H100 = ClusterConfig(name="h100x64", gpu_memory_gb=80)
-TOKENS_5S_1080P = 63_000
 
 
 def test_memory_arithmetic_by_hand():
@@ -168,8 +168,6 @@ def test_selective_checkpointing_with_compiled_zero3_blocks_is_refused(tmp_path)
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().splitlines()[-1].startswith("error: activation_checkpointing=selective with compile=true under ZeRO-3")
-
-
 
 
 def test_zero_refuses_parameter_sizes_that_unalign_its_flat_buffer(monkeypatch):

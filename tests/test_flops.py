@@ -110,7 +110,6 @@ def test_mfu_peak_is_dense_on_an_h200(monkeypatch):
     """nvidia-smi's plain "NVIDIA H200" matched nothing in Lightning's table (perf/mfu was empty on
     the lent H200), and its "h200 sxm1" entry is the sparse 2.0e15: our peak is the dense 989.4e12,
     the H100 SXM's; every other GPU keeps Lightning's figure."""
-
     from train.throughput import peak_flops
 
     cuda = torch.device("cuda", 0)
