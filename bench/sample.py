@@ -16,7 +16,7 @@ fixed (embeddings, heads, timestep MLP) + 40 x per-layer time, with per-layer = 
 (k2 - k1). Modality and shared blocks do the same work per token (a token meets one weight set),
 so one per-layer time serves both. VAE decoding is not included. Forwards run in bf16 under
 torch.inference_mode with the attention order of training (cuDNN first), compiled per block with
---compile. Writes bench/results/sample_<device>_<date>.{json,md}, rewritten after each clip (a run
+--compile (static shapes: each forward shape its own graph). Writes bench/results/sample_<device>_<date>.{json,md}, rewritten after each clip (a run
 stopped early keeps the clips it finished: order --clips by priority).
 """
 
@@ -91,7 +91,10 @@ def build(preset: dict, device, compile_blocks: bool, **depth) -> AVTransformer:
     finally:
         torch.set_default_dtype(default)
     if compile_blocks:
-        apply_compile(model)
+        # Static shapes: each timed forward runs the graph of its own shape, as a sampler of one
+        # clip size and no guidance does (training's dynamic=None would make the first change of
+        # shape, e.g. the uncond forward's 2-token text, a dynamic graph that every later clip used).
+        apply_compile(model, dynamic=False)
     return model
 
 

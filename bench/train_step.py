@@ -5,18 +5,25 @@ loader is replaced by one fixed, pinned batch (bench/data_throughput.py measures
 
     # H100: the proxy (hh15b width and heads, 1 + 4 + 1 layers, text/video/audio), 16K and 32K tokens
     python bench/train_step.py --preset proxy --tokens 16384 32768 --compile --ac none
-    # the same step with and without the text padding mask (the cost of padded captions)
-    python bench/train_step.py --preset proxy --tokens 16384 --compile --text padded full
+    # the same step with the text padding mask, without it, and with captions of varying length
+    python bench/train_step.py --preset proxy --tokens 16384 --compile --text padded full varied
     # CPU, the tiny model (what the tests run)
     python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 1
 
-Captions: "padded" is a 49-token caption in the 64-token text segment, so every attention has a
-key mask, as in training on captions of varying length; "full" fills the segment, so there is no
-mask (what cutting the text to the caption would give at one clip per GPU).
+Captions:
+- "padded": a 49-token caption in the 64-token text segment, not trimmed (`trim_text=false`), so
+  every attention has a key mask: training before the text was trimmed;
+- "full": a caption that fills the segment: no mask, one static shape;
+- "varied": a caption of another length each step (2 to 64 tokens, the empty one of caption
+  dropout among them), trimmed as training trims it (`trim_text=true`, the default): no mask at
+  batch 1, and under --compile the dynamic-shape graph that a changing text length brings (the
+  warm-up steps see two lengths, so the timed steps run it). Against "full": the dynamic-shape cost.
 
 Reports per case: step time (median of the timed steps; the device is synchronised around each
-step by the timer only), the first step's time (compilation included), tokens/s, model TFLOP/s (train/flops.py: 3 x forward matmuls and
-attention, no recompute) and MFU against 989 TFLOP/s, peak memory; writes
+step by the timer only), the first step's time (compilation included), tokens/s and model
+TFLOP/s over the timed steps (train/flops.py: 3 x forward matmuls and attention, no recompute;
+the tokens the model ran, so trimmed captions count their own length), MFU against 989 TFLOP/s,
+peak memory; writes
 bench/results/train_step_<device>_<date>.{json,md}, rewritten after each case (a run stopped
 early keeps the cases it finished).
 """
@@ -39,7 +46,6 @@ import lightning as L  # noqa: E402
 
 from bench.environment import describe, slug, write  # noqa: E402
 from model import ModelArgs, count_parameters  # noqa: E402
-from model.text import encode_bytes  # noqa: E402
 from train.codec import PatchCodec  # noqa: E402
 from train.config import FlowConfig, OptimConfig, RunConfig  # noqa: E402
 from train.flops import H100_BF16_DENSE_FLOPS  # noqa: E402
@@ -50,10 +56,13 @@ from train.throughput import ModelFlops  # noqa: E402
 
 REFERENCE_BLOCK_TFLOPS = 595.1  # ../shared/bench: one compiled d=5120 block, 16K tokens, H100
 FPS, SAMPLE_RATE, TEXT_LEN = 25, 16000, 64  # 16 frames = 0.64 s = 10240 samples = 160 audio latents
-CAPTIONS = {  # BOS + bytes + EOS in TEXT_LEN tokens
-    "padded": "a red circle bounces off the floor with a click",  # 49 tokens: 15 padding, a key mask
-    "full": "a red circle bounces off the floor with a click, then rolls aw",  # 64 tokens: no mask
+FULL_CAPTION = "a red circle bounces off the floor with a click, then rolls aw"  # 62 bytes: 64 tokens with BOS, EOS
+CAPTIONS = {  # each step's caption, cycled; BOS + bytes + EOS in TEXT_LEN tokens
+    "padded": [FULL_CAPTION[:47]],  # 49 tokens: 15 padding, a key mask
+    "full": [FULL_CAPTION],  # 64 tokens: no mask
+    "varied": [FULL_CAPTION[:n] for n in (47, 62, 0, 28, 55, 10, 38, 20)],  # 2 to 64 tokens
 }
+TRIMMED = {"padded": False, "full": True, "varied": True}  # RunConfig.trim_text per case
 
 PRESETS = {
     # hh15b's width, heads, MLP and gate; modality layers for text/video/audio as in t2v training.
@@ -86,13 +95,19 @@ def clip_for_tokens(target: int, codec: PatchCodec, args: ModelArgs, frames: int
 
 class StepTimer(L.Callback):
     """Wall time of each training step (data transfer to optimizer step and EMA), the device
-    synchronised on both sides; FLOPs counted by the same hook as training's perf/mfu."""
+    synchronised on both sides; FLOPs counted by the same hook as training's perf/mfu; whether
+    the step's forward had an attention key mask."""
 
     def __init__(self, warmup: int, stop: int):
-        self.warmup, self.stop, self.times, self.flops, self.first_step_s = warmup, stop, [], [], None
+        self.warmup, self.stop, self.first_step_s = warmup, stop, None
+        self.times, self.flops, self.tokens, self.masked = [], [], [], []
 
     def on_train_start(self, trainer, module):  # after configure_model has built the model
         self.counter = ModelFlops(module)
+        module.model.register_forward_pre_hook(self._see_mask, with_kwargs=True)
+
+    def _see_mask(self, net, args, kwargs):
+        self.step_masked |= (args[3] if len(args) > 3 else kwargs.get("key_mask")) is not None
 
     def _sync(self, module):
         if module.device.type == "cuda":
@@ -103,6 +118,7 @@ class StepTimer(L.Callback):
             torch.cuda.reset_peak_memory_stats()
         self._sync(module)
         self.counter.total, self.counter.counting = 0.0, True
+        self.step_masked = False
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -114,6 +130,8 @@ class StepTimer(L.Callback):
         if self.warmup <= batch_idx < self.stop:
             self.times.append(elapsed)
             self.flops.append(self.counter.total)
+            self.tokens.append(module.tokens_in_step)
+            self.masked.append(self.step_masked)
 
 
 class StepProfiler(L.Callback):
@@ -170,6 +188,9 @@ def profile_table(profile: dict) -> str:
 
 
 def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
+    # Each case compiles its own graphs: dynamo caches per code object, so a later case would
+    # otherwise run an earlier one's graphs ("full" after "varied": the dynamic one, not its own).
+    torch._dynamo.reset()
     codec = PatchCodec(**CODEC)
     margs = ModelArgs(**PRESETS[args.preset], video_channels=codec.video_latent_channels, audio_channels=codec.audio_latent_channels,
                       video_patch=(1, 2, 2), audio_patch=1, text_input="bytes",
@@ -183,15 +204,17 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
         "video": torch.rand(args.batch, 3, frames, h, w, generator=g) * 2 - 1,
         "audio": (torch.rand(args.batch, 1, samples, generator=g) * 2 - 1) * 0.3,
         "audio_mask": torch.ones(args.batch, samples, dtype=torch.bool),
-        "caption": [CAPTIONS[text]] * args.batch,
     }
     if device.type == "cuda":
-        batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = {k: v.pin_memory() for k, v in batch.items()}
     n_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step comes after the timed ones
-    loader = torch.utils.data.DataLoader([batch] * n_steps, batch_size=None)
+    captions = CAPTIONS[text]
+    batches = [{**batch, "caption": [captions[i % len(captions)]] * args.batch} for i in range(n_steps)]
+    loader = torch.utils.data.DataLoader(batches, batch_size=None)
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = RunConfig(run_dir=tmp, activation_checkpointing=args.ac, compile=args.compile, attention_backends=args.attention)
+        run = RunConfig(run_dir=tmp, activation_checkpointing=args.ac, compile=args.compile, attention_backends=args.attention,
+                        trim_text=TRIMMED[text])
         flow = FlowConfig(text_len=TEXT_LEN, caption_dropout=0.0)
         meta = {"data": {"fps": FPS, "sample_rate": SAMPLE_RATE}, "text_len": TEXT_LEN, "shift_args": flow.shift_args}
         # ModelArgs, as `python -m train pretrain` passes them: the module builds the model in
@@ -208,18 +231,19 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
             trainer.fit(module, train_dataloaders=loader)
 
     step_s = statistics.median(timer.times)
-    flops = statistics.median(timer.flops)
+    flops_per_s = sum(timer.flops) / sum(timer.times)
     row = {
         "preset": args.preset, "params": count_parameters(module.model), "layers": margs.n_layers, "dim": margs.dim,
         "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
-        "text": text, "key_mask": not bool(encode_bytes([CAPTIONS[text]], TEXT_LEN)[1].all()),
+        "text": text, "text_tokens": sorted({len(c.encode()) + 2 for c in captions}), "trim_text": TRIMMED[text],
+        "key_mask": any(timer.masked),
         "activation_checkpointing": args.ac, "compile": args.compile, "attention": args.attention,
         "steps_timed": len(timer.times), "step_s": step_s, "step_s_min": min(timer.times), "first_step_s": timer.first_step_s,
-        "tokens_per_s": args.batch * tokens / step_s, "model_flops_per_step": flops,
-        "model_tflops_per_s": float(f"{flops / step_s / 1e12:.4g}"),
+        "tokens_per_s": sum(timer.tokens) / sum(timer.times), "model_flops_per_step": statistics.median(timer.flops),
+        "model_tflops_per_s": float(f"{flops_per_s / 1e12:.4g}"),
         # against the H100's dense bf16 peak and the reference block: meaningless on a CPU
-        "mfu": round(flops / step_s / H100_BF16_DENSE_FLOPS, 4) if device.type == "cuda" else None,
-        "of_reference_block": round(flops / step_s / 1e12 / args.reference_block_tflops, 4) if device.type == "cuda" else None,
+        "mfu": round(flops_per_s / H100_BF16_DENSE_FLOPS, 4) if device.type == "cuda" else None,
+        "of_reference_block": round(flops_per_s / 1e12 / args.reference_block_tflops, 4) if device.type == "cuda" else None,
         "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
     }
     if profiler is not None:
@@ -243,7 +267,10 @@ def table(rows: list[dict]) -> str:
 
     for r in rows:
         mask = "key mask" if r["key_mask"] else "no mask"
-        lines.append(f"| {r['preset']} | {r['layers']} | {r['batch']} x {r['tokens_per_sample']} | {r['text']} ({mask}) | "
+        lengths = r["text_tokens"]
+        text_tokens = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        trimmed = ", trimmed" if r["trim_text"] else ""
+        lines.append(f"| {r['preset']} | {r['layers']} | {r['batch']} x {r['tokens_per_sample']} | {r['text']}: {text_tokens}{trimmed} ({mask}) | "
                      f"{r['activation_checkpointing']} | {r['compile']} | {r['step_s']:.4f} | {r['first_step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.3g} | "
                      f"{pct(r['mfu'])} | {pct(r['of_reference_block'])} | {r['peak_memory_gb'] or '-'} |")
     return "\n".join(lines)
@@ -257,7 +284,8 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
-    p.add_argument("--text", choices=CAPTIONS, nargs="+", default=["padded"], help="caption variants (each token count runs each)")
+    p.add_argument("--text", choices=CAPTIONS, nargs="+", default=["varied"],
+                   help="caption variants, each run at each token count (default: varied, as training runs)")
     p.add_argument("--ac", choices=AC_MODES, default="none")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--attention", nargs="+", default=list(DEFAULT_ATTENTION_ORDER))
@@ -271,6 +299,8 @@ def main(argv=None) -> dict:
                    help="the reference block's training TFLOP/s on this card (../shared/bench/reference_block.py; "
                         "default: the H100's); bench/device/check.sh measures it in the same lease")
     args = p.parse_args(argv)
+    if args.compile and "varied" in args.text and args.warmup < 2:
+        p.error("--text varied with --compile needs --warmup >= 2: its second step compiles the dynamic-shape graph")
     device = torch.device(args.device)
     result = {"benchmark": "train_step", **describe(device, ["bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
               "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": args.reference_block_tflops, "results": []}

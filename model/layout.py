@@ -82,34 +82,43 @@ class SequenceLayout:
 
     @cached_property
     def positions(self) -> torch.Tensor:
-        """(n_tokens, 3) float32 rotary positions on the (t, h, w) axes."""
-        return torch.cat([self._segment_positions(i) for i in range(len(self.segments))])
+        """(n_tokens, 3) float32 rotary positions on the (t, h, w) axes, on the CPU."""
+        return self.positions_on(torch.device("cpu"))
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        """`positions`, built on `device` from sizes alone: no host-to-device copy, which on a GPU
+        would stall the host until the queued kernels have run."""
+        return torch.cat([self._segment_positions(i, device) for i in range(len(self.segments))])
 
     def expand(self, per_segment: torch.Tensor) -> torch.Tensor:
         """(B, n_segments) values -> (B, n_tokens), each repeated over its segment's tokens
         (on per_segment's device, with no index tensor to copy there)."""
         return torch.cat([per_segment[:, i, None].expand(-1, n) for i, n in enumerate(self.lengths)], dim=1)
 
-    def _segment_positions(self, i: int) -> torch.Tensor:
+    def _segment_positions(self, i: int, device: torch.device) -> torch.Tensor:
         seg, (gt, gh, gw) = self.segments[i], self.grids[i]
+
+        def arange(n, start=0.0, step=1.0):
+            return torch.arange(n, dtype=torch.float32, device=device) * step + start
+
+        def value(v):
+            return torch.full((1,), float(v), dtype=torch.float32, device=device)
+
         if seg.modality == "video":
-            t = torch.arange(gt, dtype=torch.float32) + seg.t_offset
-            return _grid(t, torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32))
+            return _grid(arange(gt, seg.t_offset), arange(gh), arange(gw))
         if seg.modality == "audio":
             pt = self.args.video_patch[0]
             per_token = self.args.audio_patch / (self.args.audio_latents_per_video_frame * pt)
-            t = torch.arange(gt, dtype=torch.float32) * per_token + seg.t_offset
             vh, vw = self._video_grid_hw
-            return _grid(t, torch.tensor([float(vh)]), torch.tensor([float(vw)]))
+            return _grid(arange(gt, seg.t_offset, per_token), value(vh), value(vw))
         if seg.modality == "image":
             m = sum(1 for s in self.segments[:i] if s.modality == "image")
-            return _grid(torch.tensor([-1.0 - m]), torch.arange(gh, dtype=torch.float32), torch.arange(gw, dtype=torch.float32))
+            return _grid(value(-1.0 - m), arange(gh), arange(gw))
         # text: negative times below every image; earlier text segments sit further back
         below = -float(sum(1 for s in self.segments if s.modality == "image"))
         after = sum(self.lengths[j] for j, s in enumerate(self.segments) if s.modality == "text" and j > i)
         end = below - after
-        t = torch.arange(end - gt, end, dtype=torch.float32)
-        return _grid(t, torch.zeros(1), torch.zeros(1))
+        return _grid(arange(gt, end - gt), value(0), value(0))
 
     @cached_property
     def _video_grid_hw(self) -> tuple[int, int]:

@@ -209,11 +209,12 @@ class AVTransformer(nn.Module):
 
 @functools.lru_cache(maxsize=8)
 def rope_tables(layout: SequenceLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary cos/sin of a layout on a device. Cached: batches are bucketed, so few layouts recur,
-    and rebuilding them would copy positions host-to-device (a stream sync) on every forward."""
+    """Rotary cos/sin of a layout on a device, built there (no host-to-device copy, so a new
+    layout, e.g. text trimmed to another caption length, costs a few small kernels and no sync).
+    Cached for the layouts that recur: a sampler's, a bucket's at full-length captions."""
     a = layout.args
     with torch.inference_mode(False):  # a table made while sampling must still serve training
-        angles = rope_angles(layout.positions.to(device), a.rope_axes_dim, a.rope_theta)
+        angles = rope_angles(layout.positions_on(device), a.rope_axes_dim, a.rope_theta)
         return torch.cos(angles), torch.sin(angles)
 
 

@@ -17,19 +17,24 @@ from train.flops import train_flops  # noqa: E402
 
 def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
     result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "1", "--text", "padded", "full",
-                              "--ac", "selective", "--device", "cpu", "--out", str(tmp_path)])
+                              "varied", "--ac", "selective", "--device", "cpu", "--out", str(tmp_path)])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"train_step_cpu_{result['date']}.json", f"train_step_cpu_{result['date']}.md"]
     saved = json.loads((tmp_path / files[0]).read_text())
     assert saved["command"].startswith("python bench/train_step.py --preset tiny") and saved["versions"]["torch"]
     rows = saved["results"]
-    assert [r["steps_timed"] for r in rows] == [2, 2, 2, 2]
-    assert [(r["text"], r["key_mask"]) for r in rows] == [("padded", True), ("full", False)] * 2
-    assert rows[0]["tokens_per_sample"] == rows[1]["tokens_per_sample"] < rows[2]["tokens_per_sample"] == rows[3]["tokens_per_sample"]
+    assert [r["steps_timed"] for r in rows] == [2] * 6
+    # padded: the old untrimmed text with its mask; varied: trimmed each step to its caption
+    assert [(r["text"], r["key_mask"], r["trim_text"]) for r in rows] == [("padded", True, False), ("full", False, True), ("varied", False, True)] * 2
+    assert rows[2]["text_tokens"] == [2, 12, 22, 30, 40, 49, 57, 64]
+    assert rows[0]["tokens_per_sample"] == rows[2]["tokens_per_sample"] < rows[3]["tokens_per_sample"] == rows[5]["tokens_per_sample"]
     for r in rows:
         assert r["step_s"] > 0 and r["mfu"] is None  # no H100 peak to divide by on CPU
         assert r["first_step_s"] > 0
+    for r in (rows[0], rows[1], rows[3], rows[4]):  # one caption length: every step runs tokens_per_sample
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_sample"] / r["step_s"], rel=1e-3)
+    # the timed steps of "varied" ran captions of 64 and 2 tokens (steps 1 and 2): 31 fewer a step on average
+    assert rows[2]["tokens_per_s"] == pytest.approx((rows[2]["tokens_per_sample"] - 31) / rows[2]["step_s"], rel=1e-3)
     # the FLOPs the hook counted during the real step are exactly the layout's training FLOPs
     # (t2v with audio): one forward of a network that trains, counted 3x
     codec = train_step.PatchCodec(**train_step.CODEC)
@@ -41,6 +46,14 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
     layout = SequenceLayout([("text", "condition", (train_step.TEXT_LEN,)), ("video", "generate", video), ("audio", "generate", audio)], args)
     assert layout.n_tokens == rows[0]["tokens_per_sample"]
     assert rows[0]["model_flops_per_step"] == train_flops(layout)
+
+
+def test_train_step_bench_refuses_to_time_the_dynamic_compilation(capsys):
+    """--text varied under --compile compiles twice in its first two steps: with one warm-up step
+    the second compilation would be timed as a training step."""
+    with pytest.raises(SystemExit):
+        train_step.main(["--preset", "tiny", "--compile", "--text", "varied", "--warmup", "1", "--device", "cpu"])
+    assert "--warmup >= 2" in capsys.readouterr().err
 
 
 def test_train_step_bench_profiles_one_step_after_the_timed_ones(tmp_path):

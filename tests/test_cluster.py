@@ -207,3 +207,23 @@ def test_zero_refuses_parameter_sizes_that_unalign_its_flat_buffer(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="ZeRO-3 on one GPU"):
         check_zero_parameter_alignment(twelve, 3, auto)
+
+
+def test_world_size_reads_devices_as_lightning_does(monkeypatch):
+    """The memory check and the strategy (DeepSpeed's global batch, DDP's unused-parameter mode)
+    divide by the processes the Trainer starts: devices="auto"/-1 is every GPU of the node on a
+    GPU run (it once counted as 1: the estimate for one GPU, on eight), one process on the CPU."""
+    import torch
+
+    from train.cluster import world_size
+
+    gpu = {"accelerator": "gpu", "num_nodes": 2}
+    assert [world_size({**gpu, "devices": d}) for d in (8, "8", [0, 1, 2], "0,1", "0,")] == [16, 16, 6, 4, 2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert [world_size({**gpu, "devices": d}) for d in ("auto", -1, "-1")] == [16, 16, 16]
+    assert world_size({"devices": "auto"}) == 8  # accelerator auto with a GPU present: the GPUs
+    assert world_size({"accelerator": "cpu", "devices": "auto"}) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert world_size({"devices": "auto", "num_nodes": 1}) == 1

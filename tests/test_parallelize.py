@@ -2,17 +2,20 @@
 checkpointing modes give the same gradients and recompute what they promise, blocks compile
 without graph breaks, and the attention kernel list and priority are applied."""
 
+import copy
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import AVTransformer
+from model import AVTransformer, Segment
 from model.block import BlockContext
 from model.transformer import rope_tables
 from test_model import AUDIO, TEXT, VIDEO, make_inputs, randomized, tiny_args
-from train.parallelize import ATTENTION_BACKENDS, apply_activation_checkpointing, attention_backends
+from train.parallelize import ATTENTION_BACKENDS, apply_activation_checkpointing, apply_compile, attention_backends
 
 
 def _model(mode: str) -> AVTransformer:
@@ -98,6 +101,30 @@ def test_blocks_compile_without_graph_breaks(mode):
         explained = torch._dynamo.explain(model.blocks[i])(x, ctx)
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
+
+
+def test_compiled_blocks_take_every_text_length_after_one_recompile():
+    """Training cuts the text to each batch's captions (RunConfig.trim_text), so the sequence
+    length changes from batch to batch. A compiled block compiles with static shapes first and
+    once more at the first other length, with that size dynamic; the dynamic graph serves every
+    later length (a graph per length would pass the recompile limit at 64 caption lengths) and
+    computes what the eager block does."""
+    torch._dynamo.reset()  # no graph of an earlier test's block may serve this one,
+    rope_tables.cache_clear()  # nor a cached table that dynamo marked dynamic before
+    counters.clear()
+    torch.manual_seed(0)
+    eager = randomized(AVTransformer(tiny_args(n_modality_in=0, n_modality_out=0)), std=0.1)
+    compiled = copy.deepcopy(eager)
+    apply_compile(compiled)
+    graphs = []
+    with torch.no_grad():
+        for length in (8, 3, 20, 13):
+            inputs, layout, t = make_inputs(eager, [Segment("text", "condition", (length,)), VIDEO, AUDIO])
+            want, got = eager(inputs, layout, t), compiled(inputs, layout, t)
+            for w, g in zip(want[1:], got[1:]):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [1, 2, 2, 2]
 
 
 def test_attention_backend_order():

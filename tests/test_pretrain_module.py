@@ -50,14 +50,14 @@ def tiny_args(codec: PatchCodec, dim: int) -> ModelArgs:
                      text_input="bytes", text_feature_dim=0, audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SR))
 
 
-def make_module(lr=3e-3, ema_decay=0.9, **flow):
+def make_module(lr=3e-3, ema_decay=0.9, trim_text=True, **flow):
     codec = PatchCodec()
     args = tiny_args(codec, 48)
     torch.manual_seed(0)
     model = AVTransformer(args)
     flow_cfg = FlowConfig(caption_dropout=0.0, text_len=16, **flow)
     meta = describe(model.args, codec, FPS, SR, 1, flow_cfg.text_len, flow_cfg.shift_args)
-    return PretrainModule(model, codec, flow_cfg, OptimConfig(lr=lr, warmup_steps=5, schedule="constant"), RunConfig(run_dir="unused", ema_decay=ema_decay), meta)
+    return PretrainModule(model, codec, flow_cfg, OptimConfig(lr=lr, warmup_steps=5, schedule="constant"), RunConfig(run_dir="unused", ema_decay=ema_decay, trim_text=trim_text), meta)
 
 
 class LossRecorder(L.Callback):
@@ -186,7 +186,7 @@ def fit_one(module, batch):
     return {k.removeprefix("train/loss_"): v for k, v in logged.items() if k.startswith("train/loss_")}, logged
 
 
-def test_resuming_a_run_that_padded_captions_on_the_right_asks_to_keep_it():
+def test_resuming_a_run_thashift_padded_captions_on_the_right_asks_to_keep_it():
     """Checkpoints from before ModelArgs.text_padding have none in their description: such a run
     padded on the right, and resuming it with left padding would move every caption's tokens."""
     from train.config import ConfigError
@@ -198,3 +198,26 @@ def test_resuming_a_run_that_padded_captions_on_the_right_asks_to_keep_it():
     module.on_load_checkpoint({"avgen": module.meta})  # the same padding: resumes
     right = PretrainModule(dataclasses.replace(module.model_args, text_padding="right"), module.codec, module.flow, module.optim, module.run, module.meta)
     right.on_load_checkpoint({"avgen": {**module.meta, "model": old}})
+
+
+def tesshift_trimmed_captions_train_on_the_same_loss_without_a_mask():
+    """RunConfig.trim_text cuts the text segment to the batch's longest caption: with left
+    padding the loss is the padded, masked sequence's, and a batch of one runs with no key mask
+    (cuDNN attention's fast path). The timesteps keep the untrimmed length's shift."""
+    full = fixed_batch()
+    batches = {"one clip": {**{k: v[:1] for k, v in full.items() if k != "caption"}, "caption": ["a tone"]},
+               "two lengths": {**full, "caption": ["a tone", "a low hum"]}}
+    for name, batch in batches.items():
+        seen = {}
+        for trim in (False, True):
+            module = make_module(trim_text=trim)
+            masks = []
+            module.model.register_forward_pre_hook(lambda m, args: masks.append(args[3]))
+            losses, logged = fit_one(module, batch)
+            seen[trim] = (losses, logged["train/shift"], masks[0], module.tokens_in_step)
+        (padded, shift_padded, mask_padded, tokens_padded), (trimmed, shift_trimmed, mask_trimmed, tokens_trimmed) = seen[False], seen[True]
+        for modality in ("video", "audio"):
+            assert trimmed[modality] == pytest.approx(padded[modality], rel=1e-5), (name, modality)
+        assert shift_trimmed == shift_padded and mask_padded is not None
+        assert (mask_trimmed is None) == (name == "one clip"), name
+        assert tokens_trimmed < tokens_padded  # 16 text tokens a clip cut to 8 or 11

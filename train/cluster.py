@@ -33,9 +33,27 @@ class ClusterConfig:
         _require(self.slurm_signal_seconds >= 0, "cluster.slurm_signal_seconds", self.slurm_signal_seconds, "must be >= 0")
 
 
+def runs_on_gpu(trainer_cfg: dict) -> bool:
+    """The Trainer's accelerator is a GPU: named, or "auto" (Lightning's default) on a machine with one."""
+    accelerator = trainer_cfg.get("accelerator", "auto")
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def world_size(trainer_cfg: dict) -> int:
-    devices = trainer_cfg.get("devices", 1)
-    per_node = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, list) else 1)
+    """Processes the Trainer will start: devices per node x num_nodes. devices as Lightning reads
+    it: a count, a list of GPU ids or a string of either ("2", "0,1"), or "auto"/-1: every GPU of
+    this node on a GPU run (the node a launcher starts each rank on has as many as this one), one
+    process on the CPU."""
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, str):
+        devices = devices.strip()
+        devices = -1 if devices in ("auto", "-1") else [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+    if isinstance(devices, (list, tuple)):
+        per_node = len(devices)
+    elif devices == -1:
+        per_node = max(torch.cuda.device_count(), 1) if runs_on_gpu(trainer_cfg) else 1
+    else:
+        per_node = int(devices)
     return per_node * int(trainer_cfg.get("num_nodes", 1))
 
 
@@ -104,14 +122,9 @@ def check_zero_parameter_alignment(model: torch.nn.Module, zero_stage: int, trai
     their parameters are the same unaligned views, so they are refused too.
     `model`: a meta-device copy of the network (the distill critic's GAN head, built later, ends
     the parameter order and unaligns nothing)."""
-    on_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda") or (
-        trainer_cfg.get("accelerator", "auto") == "auto" and torch.cuda.is_available())
-    if not on_gpu or zero_stage == 0:
+    if not runs_on_gpu(trainer_cfg) or zero_stage == 0:
         return
-    ranks = world_size(trainer_cfg)
-    if trainer_cfg.get("devices", 1) in ("auto", -1, "-1"):
-        ranks = torch.cuda.device_count() * int(trainer_cfg.get("num_nodes", 1))
-    if zero_stage == 3 and ranks > 1:
+    if zero_stage == 3 and world_size(trainer_cfg) > 1:
         return
     itemsize = 2 if "16" in str(trainer_cfg.get("precision", "")) else 4  # DeepSpeed holds the weights in the run's precision
     odd = [f"{name} ({p.numel()})" for name, p in model.named_parameters() if p.numel() * itemsize % 16]

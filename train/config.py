@@ -103,6 +103,11 @@ class RunConfig:
     # Scaled-dot-product-attention kernels in priority order (train/parallelize.py).
     attention_backends: list[str] = field(default_factory=lambda: list(DEFAULT_ATTENTION_ORDER))
     compile: bool = False
+    # Cut each batch's text segment to its longest caption (exact for left-padded captions,
+    # train/sequence.py): a batch of one then needs no attention key mask, which costs cuDNN
+    # attention a large part of its speed. Under compile the text length becomes a dynamic size
+    # (one recompile, at the first batch whose length differs). Right-padded models ignore it.
+    trim_text: bool = True
     checkpoint_every_n_steps: int = 100
     resume: str | None = None  # a .ckpt path, "auto" (last checkpoint in run_dir if any) or None
     export: bool = True  # write export/model.safetensors (EMA weights) at the end

@@ -247,13 +247,13 @@ class DistillModule(L.LightningModule):
 
     # ---- the networks as train/dmd.py callables -----------------------------------------------
     def velocity(self, net: AVTransformer, captions, guidance: Guidance = Guidance()):
-        return make_velocity_fn(net, captions, self.text_len, guidance)
+        return make_velocity_fn(net, captions, self.text_len, guidance, trim_text=self.run.trim_text)
 
     def critic_features(self, xs, t, captions, velocities: bool = True):
         """One critic forward: (velocities [video, audio] or None, GAN-head logits). The head reads
         the tokens of block gan_layer, pooled over the generated (video + audio) tokens only;
         velocities=False stops the forward there."""
-        seq = build_sequence(self.critic.args, captions, self.text_len, xs[0], xs[1])
+        seq = build_sequence(self.critic.args, captions, self.text_len, xs[0], xs[1], trim_text=self.run.trim_text)
         generated = seq.layout.expand(torch.stack([t.new_full(t.shape, s.role == "generate") for s in seq.layout.segments], 1)).bool()
         inputs = (seq.inputs, seq.layout, segment_timesteps(seq, t), seq.key_mask)
         if not velocities:

@@ -63,19 +63,23 @@ def apply_activation_checkpointing(model: nn.Module, mode: str = "full") -> None
         model.blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kwargs)
 
 
-# Compiled graphs one block function may hold (torch's recompile_limit, 8 by default). Shapes are
-# static (dynamic=False), so each distinct call is one graph: block kind (shared or per-modality)
-# x grad mode (training or sampling/teacher) x sequence shape (batch, text length, key mask or not,
-# the layout's segments). Distillation alone runs student, critic and teacher forwards at two
-# batch sizes, with and without grad, and samples; past the limit fullgraph is a hard error.
+# Compiled graphs one block function may hold (torch's recompile_limit, 8 by default). A graph is
+# compiled per block kind (shared or per-modality) x grad mode (training or sampling/teacher) x
+# key mask or not x the layout's segments, each first with static shapes and, once a size changes
+# (the text cut to a batch's captions, another aspect-ratio bucket, another batch size), once more
+# with that size dynamic (PyTorch's automatic dynamic shapes), which then serves every later size.
+# Distillation alone runs student, critic and teacher forwards at two batch sizes, with and without
+# grad, and samples; past the limit fullgraph is a hard error.
 COMPILED_VARIANTS_LIMIT = 64
 
 
-def apply_compile(model: nn.Module) -> str:
+def apply_compile(model: nn.Module, dynamic: bool | None = None) -> str:
     """Compile each block separately: blocks repeat, so one compiled graph serves every layer of a
     kind, and the Python loop over segments in a block is unrolled per layout. fullgraph: a graph
     break is an error here, not a silent fall back to eager for part of the block. Returns what
-    was compiled, for the log.
+    was compiled, for the log. dynamic: torch.compile's; None (training's) compiles static shapes
+    first and a dynamic size for what changes (above); False keeps every shape static (a
+    benchmark of one fixed shape).
 
     A `forward` is compiled, not the module: the block stays where it is (no wrapper module, no
     renamed weights) and the module's hooks run eagerly around the compiled code. Which forward:
@@ -99,5 +103,7 @@ def apply_compile(model: nn.Module) -> str:
             set_z3_leaf_module(block, True)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_VARIANTS_LIMIT)
     for target in targets:
-        target.forward = torch.compile(target.forward, dynamic=False, fullgraph=True)
+        # dynamic=None: static shapes first, a dynamic size for what changes (see above). Static
+        # only (False) would compile a graph per caption length when the text is trimmed.
+        target.forward = torch.compile(target.forward, dynamic=dynamic, fullgraph=True)
     return f"{len(targets)} blocks compiled" + (" as ZeRO-3 leaves" if partitioned else "")

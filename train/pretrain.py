@@ -20,7 +20,7 @@ from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
-from train.sequence import build_sequence, segment_timesteps
+from train.sequence import build_sequence, segment_timesteps, sequence_length
 from train.strategy import outside_zero_init, parameter_counts
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -98,10 +98,13 @@ class PretrainModule(L.LightningModule):
             video = self.codec.encode_video(batch["video"])
             audio = self.codec.encode_audio(batch["audio"]) if with_audio else None
         captions = [c if bool(torch.rand((), generator=g_cpu) >= self.flow.caption_dropout) else "" for c in batch["caption"]]
-        seq = build_sequence(self.model.args, captions, self.flow.text_len, video, audio, task)
+        seq = build_sequence(self.model.args, captions, self.flow.text_len, video, audio, task, trim_text=self.run.trim_text)
 
         B = video.shape[0]
-        shift = shift_for_tokens(seq.layout.n_tokens, *self.flow.shift_args)
+        # The shift is the untrimmed sequence's, as the sampler takes it: the timesteps must not
+        # depend on how long a batch's captions are.
+        n_tokens = sequence_length(self.model.args, self.flow.text_len, video.shape[1:], None if audio is None else audio.shape[1:])
+        shift = shift_for_tokens(n_tokens, *self.flow.shift_args)
         t_host = sample_timesteps(B, shift, self.flow.logit_mean, self.flow.logit_std, g_cpu)
         t = t_host.to(self.device, non_blocking=True)
         inputs, targets = list(seq.inputs), {}

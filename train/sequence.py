@@ -38,9 +38,9 @@ def build_sequence(
     trim_text: cut the text segment to the batch's longest caption (at most text_len), so a batch
     of one has no padding and no key mask (a mask costs cuDNN attention a third of its speed,
     docs/performance.md). Exact only with left padding (ModelArgs.text_padding), where the real
-    tokens keep their positions; ignored for right-padded models. The sampler trims (its layout is
-    fixed over all steps); training does not, so every step has the same shapes (one compiled
-    graph)."""
+    tokens keep their positions; ignored for right-padded models. The sampler always trims;
+    training does by default (RunConfig.trim_text), its compiled blocks then taking the text
+    length as a dynamic size."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}: choose one of {', '.join(TASKS)}")
     if args.text_input != "bytes":

@@ -4,13 +4,13 @@
 #
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~60 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
-#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 460 (steps: 430 s + setup)
+#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 520 (steps: 485 s + setup)
 #   call 2:      bash bench/device/check.sh presets zero2|zero3  # carry [".whl"], timeout_s 300 (steps: 265 s + setup)
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date and device)
 # Measured so far: bench/results/*_h200_2026-11-26* (perf, presets zero3, with the n_heads=16 below).
 #
 # With a start of 1-2 minutes the two calls leave about a minute; send call 2 at once (the machine
-# stays warm 30 s). If call 1 fails early, mend it here and rerun it instead of call 2. Each step
+# stays warm 30 s; the limits are ceilings: on the H200 the calls used two thirds of theirs). If call 1 fails early, mend it here and rerun it instead of call 2. Each step
 # has its own timeout and the benches rewrite their result after each case, so a step stopped at
 # its limit keeps the cases it finished. $OUT comes back with at most 8 files: perf writes 8,
 # presets 5 (6 when .ref is carried: the reference block then runs last, 50 s more). On the H200
@@ -73,18 +73,22 @@ if [ "$part" = perf ]; then
     fi
     [ -n "$ref" ] && REF=(--reference-block-tflops "$ref")
     # 7.1: the real training step of the proxy (hh15b width, 1 + 4 + 1 layers), compiled, no
-    # recompute: at 16K tokens with the text padding mask (as training runs) and without it.
-    # The first step's time is the compilation; one more step per case is profiled (its top
-    # kernels go into the json: where the masked and the unmasked step spend their time). On the
-    # H200 (2026-11-26) it peaked at 75.8 GiB: at the edge of an H100.
-    step 145 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text padded full --ac none --profile "${REF[@]}" --out "$OUT"
+    # recompute, at 16K tokens: "varied" as training now runs (captions of changing length,
+    # trimmed: no mask, the dynamic-shape graph), "full" (one static shape, no mask: against
+    # varied, the cost of dynamic shapes), "padded" (untrimmed, with the key mask: training before
+    # trim_text; 19% slower than full on the H200). The first step's time is the compilation
+    # (varied compiles twice in its warm-up); one more step per case is profiled (its top kernels
+    # go into the json). On the H200 (2026-11-26) padded and full took 127 s and peaked at
+    # 75.8 GiB: at the edge of an H100.
+    step 200 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text varied full padded --ac none --profile "${REF[@]}" --out "$OUT"
     # 7.2: hh15b sampling latency, compiled blocks (eager ran on 2026-11-26: 206 ms a layer at
     # 1080p 5 s, the reference block's compiled time), layers timed at two depths and
     # extrapolated to 40; the 8-step 5 s 1080p target first.
     step 120 sample $PY bench/sample.py "${HH[@]}" --compile --out "$OUT"
     # 7.1 at 32K tokens with selective recompute: without it the proxy peaked at 98.9 GiB on the
-    # H200, more than an H100 holds (last, so an out-of-memory costs nothing else).
-    step 115 train_step_32k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T32 --ac selective "${REF[@]}" --out "$OUT" --tag _32k
+    # H200, more than an H100 holds (last, so an out-of-memory costs nothing else). A full
+    # caption (no mask, one compilation): the 16K step measures what varying lengths add.
+    step 115 train_step_32k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T32 --text full --ac selective "${REF[@]}" --out "$OUT" --tag _32k
     exit 0
 fi
 [ "$part" = presets ] || { echo "unknown part $part: perf or presets"; exit 2; }
