@@ -68,11 +68,11 @@ class LossRecorder(L.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def fit(module, steps, **trainer_kwargs):
+def fit(module, steps, callbacks=(), **trainer_kwargs):
     rec = LossRecorder()
     loader = DataLoader(Repeat(fixed_batch(), steps), batch_size=None)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", callbacks=[rec], **trainer_kwargs)
+                        enable_model_summary=False, accelerator="cpu", callbacks=[rec, *callbacks], **trainer_kwargs)
     trainer.fit(module, loader)
     return rec.losses, trainer
 
@@ -221,3 +221,29 @@ def tesshift_trimmed_captions_train_on_the_same_loss_without_a_mask():
         assert shift_trimmed == shift_padded and mask_padded is not None
         assert (mask_trimmed is None) == (name == "one clip"), name
         assert tokens_trimmed < tokens_padded  # 16 text tokens a clip cut to 8 or 11
+
+
+class NormBeforeAndAfterClip(L.Callback):
+    """The gradient norm before the clip (callbacks' hook runs before the module's and before
+    clipping), after it (at batch end the gradients are still there) and the one logged."""
+
+    def __init__(self):
+        self.rows = []
+
+    def _norm(self, module) -> float:
+        return float(torch.nn.utils.get_total_norm([p.grad for p in module.model.parameters() if p.grad is not None]))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.before = self._norm(module)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.rows.append((self.before, self._norm(module), float(trainer.callback_metrics["train/grad_norm"])))
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.01])
+def test_logged_grad_norm_is_the_norm_before_clipping(clip):
+    norms = NormBeforeAndAfterClip()
+    fit(make_module(), 3, gradient_clip_val=clip, callbacks=[norms])
+    for before, after, logged in norms.rows:
+        assert logged == pytest.approx(before, rel=1e-5)
+        assert after == pytest.approx(min(before, clip) if clip else before, rel=1e-4)

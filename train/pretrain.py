@@ -148,8 +148,10 @@ class PretrainModule(L.LightningModule):
 
     # ---- around the step ----------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer):
+        if self.trainer.gradient_clip_val:
+            return  # clipping computes the norm and logs it (configure_gradient_clipping)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if grads:  # before clipping: the norm the clip threshold is compared with
+        if grads:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
 
     def optimizer_step(self, *args, **kwargs):
@@ -163,7 +165,9 @@ class PretrainModule(L.LightningModule):
         # Clip here rather than through the precision plugin: Lightning refuses to clip for fused
         # AdamW under mixed precision (it assumes a grad scaler), and bf16 needs no scaler.
         if gradient_clip_val:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+            # The norm before clipping, the one the threshold is compared with; logged from here
+            # so the gradients are read once for it, not a second time in on_before_optimizer_step.
+            self.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
