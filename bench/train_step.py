@@ -20,10 +20,10 @@ Captions:
   warm-up steps see two lengths, so the timed steps run it). Against "full": the dynamic-shape cost.
 
 Reports per case: step time (median of the timed steps; the device is synchronised around each
-step by the timer only), the first step's time (compilation included), tokens/s and model
-TFLOP/s over the timed steps (train/flops.py: 3 x forward matmuls and attention, no recompute;
-the tokens the model ran, so trimmed captions count their own length), MFU against 989 TFLOP/s,
-peak memory; writes
+step by the timer only), the first step's time (compilation included), tokens/s (the clip's
+tokens at the full text length, as training's perf/tokens_per_sec) and model TFLOP/s over the
+timed steps (train/flops.py: 3 x forward matmuls and attention, no recompute, of the sequence the
+model ran: trimmed captions count their own length), MFU against 989 TFLOP/s, peak memory; writes
 bench/results/train_step_<device>_<date>.{json,md}, rewritten after each case (a run stopped
 early keeps the cases it finished).
 """
@@ -285,7 +285,8 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
     p.add_argument("--text", choices=CAPTIONS, nargs="+", default=["varied"],
-                   help="caption variants, each run at each token count (default: varied, as training runs)")
+                   help="caption variants, each run at each token count (default: varied, as training runs; "
+                        "every clip of a batch gets the step's caption, so no batch has a mask but padded's)")
     p.add_argument("--ac", choices=AC_MODES, default="none")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--attention", nargs="+", default=list(DEFAULT_ATTENTION_ORDER))

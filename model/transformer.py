@@ -211,7 +211,8 @@ class AVTransformer(nn.Module):
 def rope_tables(layout: SequenceLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary cos/sin of a layout on a device, built there (no host-to-device copy, so a new
     layout, e.g. text trimmed to another caption length, costs a few small kernels and no sync).
-    Cached for the layouts that recur: a sampler's, a bucket's at full-length captions."""
+    Cached, for the layouts that recur (a sampler's, over all its steps); with trimmed captions
+    training's layouts mostly miss, which costs those kernels only."""
     a = layout.args
     with torch.inference_mode(False):  # a table made while sampling must still serve training
         angles = rope_angles(layout.positions_on(device), a.rope_axes_dim, a.rope_theta)

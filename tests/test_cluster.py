@@ -224,6 +224,9 @@ def test_world_size_reads_devices_as_lightning_does(monkeypatch):
     assert [world_size({**gpu, "devices": d}) for d in ("auto", -1, "-1")] == [16, 16, 16]
     assert world_size({"devices": "auto"}) == 8  # accelerator auto with a GPU present: the GPUs
     assert world_size({"accelerator": "cpu", "devices": "auto"}) == 1
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"trainer.devices=8 GPUs per node, but this machine has 2"):
+        check_launch(ClusterConfig(name="h100x8"), {"accelerator": "gpu", "devices": "8", "num_nodes": 1}, environ={})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert world_size({"devices": "auto", "num_nodes": 1}) == 1

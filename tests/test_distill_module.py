@@ -17,7 +17,7 @@ from train.config import DistillConfig, OptimConfig, RunConfig
 from train.distill import DistillModule, NonFiniteLossError
 
 
-def make_module(ema_decay=0.0, **distill):
+def make_module(ema_decay=0.0, trim_text=True, **distill):
     codec = PatchCodec()
     args = tiny_args(codec, 32)
     torch.manual_seed(0)
@@ -30,7 +30,7 @@ def make_module(ema_decay=0.0, **distill):
     meta["student"] = {"steps": 4, "timesteps": None}
     cfg = DistillConfig(student_steps=4, **distill)
     optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", betas=(0.9, 0.999))
-    return DistillModule(student, critic, teacher, codec, cfg, optim, optim, RunConfig(run_dir="unused", ema_decay=ema_decay), meta)
+    return DistillModule(student, critic, teacher, codec, cfg, optim, optim, RunConfig(run_dir="unused", ema_decay=ema_decay, trim_text=trim_text), meta)
 
 
 def snapshot(module):
@@ -166,3 +166,23 @@ def test_nan_critic_skips_its_updates_leaving_weights_and_optimizer_untouched():
         module.critic.net.heads["video"].proj.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"critic_loss NaN/inf at step 1: 2 critic updates in a row"):
         fit(module, 5)
+
+
+def test_trimmed_captions_give_the_networks_the_same_outputs():
+    """trim_text in distillation: the critic's velocities and GAN logits (pooled over the
+    generated tokens only, whose positions move when the text is cut) and the guided teacher's
+    velocity (cond and uncond then run apart) are the padded, masked batch's."""
+    from train.sampling import Guidance
+
+    batch, captions, t = fixed_batch(), ["a tone", "a low hum"], torch.tensor([0.3, 0.8])
+    outs = {}
+    for trim in (False, True):
+        module = make_module(trim_text=trim)
+        xs = [module.codec.encode_video(batch["video"]), module.codec.encode_audio(batch["audio"])]
+        with torch.no_grad():
+            velocities, logits = module.critic_features(xs, t, captions)
+            teacher = module.velocity(module.teacher, captions, Guidance(3.0, 2.0))(xs, t)
+        outs[trim] = [*velocities, logits, *teacher]
+    for got, want in zip(outs[True], outs[False]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert outs[True][-2].abs().max() > 1e-2  # the teacher's guided velocity is not trivially zero

@@ -117,13 +117,15 @@ def test_compiled_blocks_take_every_text_length_after_one_recompile():
     compiled = copy.deepcopy(eager)
     apply_compile(compiled)
     graphs = []
-    with torch.no_grad():
-        for length in (8, 3, 20, 13):
-            inputs, layout, t = make_inputs(eager, [Segment("text", "condition", (length,)), VIDEO, AUDIO])
-            want, got = eager(inputs, layout, t), compiled(inputs, layout, t)
-            for w, g in zip(want[1:], got[1:]):
-                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
-            graphs.append(counters["stats"]["unique_graphs"])
+    for length in (8, 3, 20, 13):  # training's forward and backward
+        inputs, layout, t = make_inputs(eager, [Segment("text", "condition", (length,)), VIDEO, AUDIO])
+        for model in (eager, compiled):
+            model.zero_grad()
+            _loss(model, inputs, layout, t).backward()
+        torch.testing.assert_close(_loss(compiled, inputs, layout, t), _loss(eager, inputs, layout, t), rtol=1e-4, atol=1e-6)
+        for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+        graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [1, 2, 2, 2]
 
 

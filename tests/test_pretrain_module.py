@@ -186,7 +186,7 @@ def fit_one(module, batch):
     return {k.removeprefix("train/loss_"): v for k, v in logged.items() if k.startswith("train/loss_")}, logged
 
 
-def test_resuming_a_run_thashift_padded_captions_on_the_right_asks_to_keep_it():
+def test_resuming_a_run_that_padded_captions_on_the_right_asks_to_keep_it():
     """Checkpoints from before ModelArgs.text_padding have none in their description: such a run
     padded on the right, and resuming it with left padding would move every caption's tokens."""
     from train.config import ConfigError
@@ -200,27 +200,40 @@ def test_resuming_a_run_thashift_padded_captions_on_the_right_asks_to_keep_it():
     right.on_load_checkpoint({"avgen": {**module.meta, "model": old}})
 
 
-def tesshift_trimmed_captions_train_on_the_same_loss_without_a_mask():
+@pytest.mark.parametrize("task", [{}, {"i2v_rate": 1.0}, {"no_audio_rate": 1.0}], ids=["t2v", "i2v", "no_audio"])
+def test_trimmed_captions_train_on_the_same_predictions_without_a_mask(task):
     """RunConfig.trim_text cuts the text segment to the batch's longest caption: with left
-    padding the loss is the padded, masked sequence's, and a batch of one runs with no key mask
-    (cuDNN attention's fast path). The timesteps keep the untrimmed length's shift."""
+    padding the model predicts what it predicts on the padded, masked sequence (so the loss is
+    the same), and a batch of one runs with no key mask (cuDNN attention's fast path). The
+    timesteps keep the untrimmed length's shift. Random weights: an initialised model predicts
+    zero (adaLN-Zero), whatever the text."""
     full = fixed_batch()
     batches = {"one clip": {**{k: v[:1] for k, v in full.items() if k != "caption"}, "caption": ["a tone"]},
                "two lengths": {**full, "caption": ["a tone", "a low hum"]}}
-    for name, batch in batches.items():
+
+    def step(batch, trim):
+        module = make_module(trim_text=trim, **task)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in module.model.parameters():
+                p.add_(0.2 * torch.randn_like(p))
         seen = {}
-        for trim in (False, True):
-            module = make_module(trim_text=trim)
-            masks = []
-            module.model.register_forward_pre_hook(lambda m, args: masks.append(args[3]))
-            losses, logged = fit_one(module, batch)
-            seen[trim] = (losses, logged["train/shift"], masks[0], module.tokens_in_step)
-        (padded, shift_padded, mask_padded, tokens_padded), (trimmed, shift_trimmed, mask_trimmed, tokens_trimmed) = seen[False], seen[True]
-        for modality in ("video", "audio"):
-            assert trimmed[modality] == pytest.approx(padded[modality], rel=1e-5), (name, modality)
-        assert shift_trimmed == shift_padded and mask_padded is not None
-        assert (mask_trimmed is None) == (name == "one clip"), name
-        assert tokens_trimmed < tokens_padded  # 16 text tokens a clip cut to 8 or 11
+        module.model.register_forward_hook(lambda m, args, out: seen.update(mask=args[3], preds=[o for o in out if o is not None]))
+        losses, logged = fit_one(module, batch)
+        return seen, losses, logged["train/shift"]
+
+    for name, batch in batches.items():
+        (padded, padded_loss, padded_shift), (trimmed, trimmed_loss, trimmed_shift) = step(batch, False), step(batch, True)
+        assert len(trimmed["preds"]) == (1 if task.get("no_audio_rate") else 2)
+        for want, got in zip(padded["preds"], trimmed["preds"]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert trimmed_loss == pytest.approx(padded_loss, rel=1e-5)
+        assert trimmed_shift == padded_shift and padded["mask"] is not None
+        assert (trimmed["mask"] is None) == (name == "one clip"), name
+    # the text reaches the predictions: another caption moves them far more than the tolerance
+    other, _, _ = step({**batches["one clip"], "caption": ["zzzzzzzzzz"]}, True)
+    one, _, _ = step(batches["one clip"], True)
+    assert (other["preds"][0] - one["preds"][0]).abs().max() > 1e-2
 
 
 class NormBeforeAndAfterClip(L.Callback):

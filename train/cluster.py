@@ -39,31 +39,38 @@ def runs_on_gpu(trainer_cfg: dict) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
-def world_size(trainer_cfg: dict) -> int:
-    """Processes the Trainer will start: devices per node x num_nodes. devices as Lightning reads
-    it: a count, a list of GPU ids or a string of either ("2", "0,1"), or "auto"/-1: every GPU of
-    this node on a GPU run (the node a launcher starts each rank on has as many as this one), one
-    process on the CPU."""
+def devices_per_node(trainer_cfg: dict) -> int:
+    """trainer.devices as Lightning reads it: a count, a list of GPU ids or a string of either
+    ("2", "0,1"), or "auto"/-1: every GPU of this node on a GPU run (the node a launcher starts
+    each rank on has as many as this one), one process on the CPU."""
     devices = trainer_cfg.get("devices", "auto")
     if isinstance(devices, str):
-        devices = devices.strip()
-        devices = -1 if devices in ("auto", "-1") else [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices)
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            devices = -1
+        elif "," in text:
+            devices = [d for d in text.split(",") if d.strip()]
+        else:
+            devices = int(text)
     if isinstance(devices, (list, tuple)):
-        per_node = len(devices)
-    elif devices == -1:
-        per_node = max(torch.cuda.device_count(), 1) if runs_on_gpu(trainer_cfg) else 1
-    else:
-        per_node = int(devices)
-    return per_node * int(trainer_cfg.get("num_nodes", 1))
+        return len(devices)
+    if devices == -1:
+        return max(torch.cuda.device_count(), 1) if runs_on_gpu(trainer_cfg) else 1
+    return int(devices)
+
+
+def world_size(trainer_cfg: dict) -> int:
+    """Processes the Trainer will start: devices per node x num_nodes."""
+    return devices_per_node(trainer_cfg) * int(trainer_cfg.get("num_nodes", 1))
 
 
 def check_launch(cluster: ClusterConfig, trainer_cfg: dict, environ=os.environ) -> None:
     """The processes the preset asks for can exist here."""
-    devices, nodes = trainer_cfg.get("devices", 1), int(trainer_cfg.get("num_nodes", 1))
+    devices, nodes = trainer_cfg.get("devices", "auto"), int(trainer_cfg.get("num_nodes", 1))
     wants_gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda")
-    if wants_gpu and isinstance(devices, int):
+    if wants_gpu:
         have = torch.cuda.device_count()
-        if devices > have:
+        if devices_per_node(trainer_cfg) > have:
             raise ConfigError(
                 f"cluster={cluster.name}: trainer.devices={devices} GPUs per node, but this machine has {have}; run it where "
                 "the GPUs are (launch/), or lower trainer.devices, or use +cluster=local"

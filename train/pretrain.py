@@ -89,7 +89,9 @@ class PretrainModule(L.LightningModule):
         step, rank = self.global_step, self.global_rank
         g_cpu = step_generator(self.run.seed, step, rank)
         g_dev = step_generator(self.run.seed, step, rank, self.device)
-        # The task is drawn with the rank left out: every rank builds the same layout.
+        # The task is drawn with the rank left out: every rank builds the same segments (their
+        # lengths may differ: the text is trimmed to each rank's captions), so every rank runs
+        # the same modules, which ZeRO-3's per-module gathers need.
         g_task = step_generator(self.run.seed, step, 0)
         with_audio = bool(torch.rand((), generator=g_task) >= self.flow.no_audio_rate)
         task = "i2v" if bool(torch.rand((), generator=g_task) < self.flow.i2v_rate) else "t2v"
@@ -127,7 +129,9 @@ class PretrainModule(L.LightningModule):
                 losses[modality] = per_sample[modality].mean()
         loss = weighted_loss(losses, {"video": self.flow.video_weight, "audio": self.flow.audio_weight})
 
-        self.samples_in_step, self.tokens_in_step = B, B * seq.layout.n_tokens
+        # tokens/s counts the clip's tokens at the full text length (as distillation does), so it
+        # does not move with caption lengths; the FLOP counter counts what the model ran.
+        self.samples_in_step, self.tokens_in_step = B, B * n_tokens
         self.log("train/loss", loss, prog_bar=True)
         for m, v in losses.items():
             self.log(f"train/loss_{m}", v)

@@ -4,7 +4,7 @@
 #
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~60 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
-#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 520 (steps: 485 s + setup)
+#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 545 (steps: 515 s + setup)
 #   call 2:      bash bench/device/check.sh presets zero2|zero3  # carry [".whl"], timeout_s 300 (steps: 265 s + setup)
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date and device)
 # Measured so far: bench/results/*_h200_2026-11-26* (perf, presets zero3, with the n_heads=16 below).
@@ -76,11 +76,11 @@ if [ "$part" = perf ]; then
     # recompute, at 16K tokens: "varied" as training now runs (captions of changing length,
     # trimmed: no mask, the dynamic-shape graph), "full" (one static shape, no mask: against
     # varied, the cost of dynamic shapes), "padded" (untrimmed, with the key mask: training before
-    # trim_text; 19% slower than full on the H200). The first step's time is the compilation
-    # (varied compiles twice in its warm-up); one more step per case is profiled (its top kernels
-    # go into the json). On the H200 (2026-11-26) padded and full took 127 s and peaked at
-    # 75.8 GiB: at the edge of an H100.
-    step 200 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text varied full padded --ac none --profile "${REF[@]}" --out "$OUT"
+    # trim_text: on the H200 the mask was 19% of that step). The first step's time is the
+    # compilation (varied compiles twice in its warm-up); one more step per case is profiled (its
+    # top kernels go into the json). On the H200 (2026-11-26) padded and full took 127 s and
+    # peaked at 75.8 GiB: at the edge of an H100. Padded last: it is the case already measured.
+    step 230 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text varied full padded --ac none --profile "${REF[@]}" --out "$OUT"
     # 7.2: hh15b sampling latency, compiled blocks (eager ran on 2026-11-26: 206 ms a layer at
     # 1080p 5 s, the reference block's compiled time), layers timed at two depths and
     # extrapolated to 40; the 8-step 5 s 1080p target first.
