@@ -9,13 +9,13 @@
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date and device)
 # Measured so far: bench/results/*_h200_2026-11-26* (perf, presets zero3, with the n_heads=16 below).
 #
-# With a start of 1-2 minutes the two calls leave about a minute; send call 2 at once (the machine
-# stays warm 30 s; the limits are ceilings: on the H200 the calls used two thirds of theirs). If call 1 fails early, mend it here and rerun it instead of call 2. Each step
-# has its own timeout and the benches rewrite their result after each case, so a step stopped at
-# its limit keeps the cases it finished. $OUT comes back with at most 8 files: perf writes 8,
-# presets 5 (6 when .ref is carried: the reference block then runs last, 50 s more). On the H200
-# (2026-11-26) the calls took 309 s and 267 s with a start of about 30 s; perf now runs the
-# reference block first (20-40 s), as the proxy's ratio is taken against it.
+# The limits (545 s + 300 s) are ceilings: on the H200 (2026-11-26) the calls took 309 s and 267 s
+# of theirs (perf had no reference block and one case fewer then), with a start of about 30 s.
+# Send call 2 at once (the machine stays warm 30 s), after reading `status`: give it what is left
+# if that is under 300 s. If call 1 fails early, mend it here and rerun it instead of call 2. Each
+# step has its own limit and the benches rewrite their result after each case, so a step stopped
+# at its limit keeps the cases it finished. $OUT comes back with at most 8 files: perf writes 8,
+# presets 5 (6 when .ref is carried: the reference block then runs last, 50 s more).
 #
 # Rehearse on CPU (tiny sizes; the same steps, paths and overrides, plus CPU settings):
 #   AVGEN_REHEARSE=1 bash bench/device/check.sh perf|presets     (OUT defaults to /tmp/device_check)
