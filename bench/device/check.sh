@@ -115,7 +115,8 @@ SHORT=(trainer.log_every_n_steps=$LOG_EVERY sample.steps=2)
 keep_metrics() { cp "$RUNS/$1"/metrics/version_0/metrics.csv "$OUT/metrics_$1.csv" 2>/dev/null || echo "$1: no metrics" | tee -a "$LOG"; }
 rm -rf "$RUNS"
 # Limits: on the H200 pretrain took 103 s and distill 118 s; trimmed captions add one more
-# (dynamic-shape) compilation per graph, which took the CPU rehearsal's pretrain from ~90 to 129 s.
+# (dynamic-shape) compilation per graph: the CPU rehearsal went from 3m22s to 4m06s, its pretrain
+# taking 129 s of the 130 it then had.
 step 160 pretrain_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
     trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_$stage"
 keep_metrics pretrain_$stage
