@@ -16,8 +16,9 @@ fixed (embeddings, heads, timestep MLP) + 40 x per-layer time, with per-layer = 
 (k2 - k1). Modality and shared blocks do the same work per token (a token meets one weight set),
 so one per-layer time serves both. VAE decoding is not included. Forwards run in bf16 under
 torch.inference_mode with the attention order of training (cuDNN first), compiled per block with
---compile (static shapes: each forward shape its own graph). Writes bench/results/sample_<device>_<date>.{json,md}, rewritten after each clip (a run
-stopped early keeps the clips it finished: order --clips by priority).
+--compile (static shapes: each forward shape its own graph). Writes
+bench/results/sample_<device>_<date>.{json,md}, rewritten after each clip (a run stopped early
+keeps the clips it finished: order --clips by priority).
 """
 
 import argparse
