@@ -6,18 +6,23 @@ loader is replaced by one fixed, pinned batch (bench/data_throughput.py measures
     # H100: the proxy (hh15b width and heads, 1 + 4 + 1 layers, text/video/audio), 16K and 32K tokens
     python bench/train_step.py --preset proxy --tokens 16384 32768 --compile --ac none
     # the same step with the text padding mask, without it, and with captions of varying length
-    python bench/train_step.py --preset proxy --tokens 16384 --compile --text padded full varied
+    python bench/train_step.py --preset proxy --tokens 16384 --compile --text padded full varied fresh
     # CPU, the tiny model (what the tests run)
-    python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 1
+    python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 8
 
 Captions:
 - "padded": a 49-token caption in the 64-token text segment, not trimmed (`trim_text=false`), so
   every attention has a key mask: training before the text was trimmed;
 - "full": a caption that fills the segment: no mask, one static shape;
-- "varied": a caption of another length each step (2 to 64 tokens, the empty one of caption
-  dropout among them), trimmed as training trims it (`trim_text=true`, the default): no mask at
-  batch 1, and under --compile the dynamic-shape graph that a changing text length brings (the
-  warm-up steps see two lengths, so the timed steps run it). Against "full": the dynamic-shape cost.
+- "varied": captions of 8 lengths in turn (2 to 64 tokens, the empty one of caption dropout among
+  them), trimmed as training trims them (`trim_text=true`, the default): no mask at batch 1, and
+  under --compile the dynamic-shape graph that a changing text length brings. The warm-up sees
+  every length once (--warmup >= 8), so the timed steps are a long run's: shapes already seen.
+  Against "full": what the dynamic-shape graph costs per step;
+- "fresh": as varied, but every step a length not seen before (the first pass of a run over the
+  lengths; at most 63 steps). Against "varied": what a new shape costs once. On the H200
+  (2026-11-26), steps of new lengths took 0.570 s against 0.495 s for one static shape, with no
+  more GPU busy time: host time, whose operators --profile's "host" list names.
 
 Reports per case: step time (median of the timed steps; the device is synchronised around each
 step by the timer only), the first step's time (compilation included), tokens/s (the clip's
@@ -37,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters as dynamo_counters
 from torch.autograd import DeviceType
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,12 +63,16 @@ from train.throughput import ModelFlops  # noqa: E402
 REFERENCE_BLOCK_TFLOPS = 595.1  # ../shared/bench: one compiled d=5120 block, 16K tokens, H100
 FPS, SAMPLE_RATE, TEXT_LEN = 25, 16000, 64  # 16 frames = 0.64 s = 10240 samples = 160 audio latents
 FULL_CAPTION = "a red circle bounces off the floor with a click, then rolls aw"  # 62 bytes: 64 tokens with BOS, EOS
-CAPTIONS = {  # each step's caption, cycled; BOS + bytes + EOS in TEXT_LEN tokens
+# Captions in BOS + bytes + EOS tokens: FULL_CAPTION[:n] is n + 2 tokens, 2 to 64.
+VARIED = [FULL_CAPTION[:n] for n in (47, 62, 0, 28, 55, 10, 38, 20)]  # 8 lengths, 2 to 64 tokens
+FRESH = [FULL_CAPTION[: (29 * i) % 63] for i in range(63)]  # 63 distinct lengths (29 is prime to 63), scattered
+CAPTIONS = {  # each step's caption, cycled
     "padded": [FULL_CAPTION[:47]],  # 49 tokens: 15 padding, a key mask
     "full": [FULL_CAPTION],  # 64 tokens: no mask
-    "varied": [FULL_CAPTION[:n] for n in (47, 62, 0, 28, 55, 10, 38, 20)],  # 2 to 64 tokens
+    "varied": VARIED,
+    "fresh": FRESH,  # never cycled: main() refuses more steps than lengths
 }
-TRIMMED = {"padded": False, "full": True, "varied": True}  # RunConfig.trim_text per case
+TRIMMED = {"padded": False, "full": True, "varied": True, "fresh": True}  # RunConfig.trim_text per case
 
 PRESETS = {
     # hh15b's width, heads, MLP and gate; modality layers for text/video/audio as in t2v training.
@@ -96,11 +106,13 @@ def clip_for_tokens(target: int, codec: PatchCodec, args: ModelArgs, frames: int
 class StepTimer(L.Callback):
     """Wall time of each training step (data transfer to optimizer step and EMA), the device
     synchronised on both sides; FLOPs counted by the same hook as training's perf/mfu; whether
-    the step's forward had an attention key mask."""
+    the step's forward had an attention key mask; how many graphs dynamo compiled in the timed
+    steps (0 unless a shape broke a guard: then a step's time holds a compilation)."""
 
     def __init__(self, warmup: int, stop: int):
         self.warmup, self.stop, self.first_step_s = warmup, stop, None
         self.times, self.flops, self.tokens, self.masked = [], [], [], []
+        self.graphs_at_start = self.graphs_compiled_timed = None
 
     def on_train_start(self, trainer, module):  # after configure_model has built the model
         self.counter = ModelFlops(module)
@@ -119,6 +131,8 @@ class StepTimer(L.Callback):
         self._sync(module)
         self.counter.total, self.counter.counting = 0.0, True
         self.step_masked = False
+        if batch_idx == self.warmup:
+            self.graphs_at_start = dynamo_counters["stats"]["unique_graphs"]
         self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
@@ -132,16 +146,20 @@ class StepTimer(L.Callback):
             self.flops.append(self.counter.total)
             self.tokens.append(module.tokens_in_step)
             self.masked.append(self.step_masked)
+        if batch_idx == self.stop - 1:
+            self.graphs_compiled_timed = dynamo_counters["stats"]["unique_graphs"] - self.graphs_at_start
 
 
 class StepProfiler(L.Callback):
     """torch.profiler over one training step (batch `at`, after the timed ones, so the timings
     carry no profiler overhead): the `top` operators by self time on the device (on the host
     when there is no GPU), with their share of the step's total, to split a step's time by
-    kernel (matmuls, attention, optimizer, elementwise) within one device call."""
+    kernel (matmuls, attention, optimizer, elementwise) within one device call; on a GPU also
+    the `host_top` host operators, for a step whose time the GPU's busy time does not explain."""
 
-    def __init__(self, at: int, top: int = 30):
-        self.at, self.top, self.rows, self.total_ms, self.error = at, top, [], None, None
+    def __init__(self, at: int, top: int = 30, host_top: int = 15):
+        self.at, self.top, self.host_top, self.error = at, top, host_top, None
+        self.rows, self.total_ms, self.host = [], None, None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.at:
@@ -165,25 +183,38 @@ class StepProfiler(L.Callback):
             print(f"profile failed: {self.error}")
 
     def _summarise(self, on_gpu: bool):
+        averages = self.prof.key_averages()
+        host = [e for e in averages if e.device_type == DeviceType.CPU and not e.is_user_annotation]
         if on_gpu:
             # the GPU's own events (kernels, copies), as PyTorch's table totals them: the host
             # ops that launched them and user annotations carry the same time again
-            events = [e for e in self.prof.key_averages() if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
-            self_us = [e.self_device_time_total for e in events]
+            events = [e for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+            self.total_ms, self.rows = ranked([(e.self_device_time_total, e) for e in events], self.top)
+            # and what the host spent its time on: where the GPU waits for it (a step longer
+            # than the GPU's busy time), the operators that made it wait are at the top here
+            host_ms, host_rows = ranked([(e.self_cpu_time_total, e) for e in host], self.host_top)
+            self.host = {"total_ms": host_ms, "top": host_rows}
         else:
-            events = list(self.prof.key_averages())
-            self_us = [e.self_cpu_time_total for e in events]
-        timed = [(us, e) for us, e in zip(self_us, events) if us > 0]
-        total = sum(us for us, _ in timed)
-        self.total_ms = total / 1e3
-        ranked = sorted(timed, key=lambda pair: -pair[0])[: self.top]
-        self.rows = [{"op": e.key[:160], "calls": e.count, "self_ms": round(us / 1e3, 3), "share": round(us / total, 4)} for us, e in ranked]
+            self.total_ms, self.rows = ranked([(e.self_cpu_time_total, e) for e in host], self.top)
+
+
+def ranked(timed: list, top: int) -> tuple[float, list[dict]]:
+    """(total ms, the `top` operators by self time with their share of the total) of
+    (self microseconds, profiler event) pairs."""
+    timed = [(us, e) for us, e in timed if us > 0]
+    total = sum(us for us, _ in timed)
+    rows = sorted(timed, key=lambda pair: -pair[0])[:top]
+    return total / 1e3, [{"op": e.key[:160], "calls": e.count, "self_ms": round(us / 1e3, 3), "share": round(us / total, 4)} for us, e in rows]
 
 
 def profile_table(profile: dict) -> str:
-    lines = [f"profile of one step: {profile['total_ms']:.1f} ms of self time on the {profile['clock']}",
-             "| op | calls | self ms | share |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{r['op']}` | {r['calls']} | {r['self_ms']} | {100 * r['share']:.1f}% |" for r in profile["top"]]
+    def part(title: str, total_ms: float, rows: list[dict]) -> list[str]:
+        return [f"{title}: {total_ms:.1f} ms of self time", "| op | calls | self ms | share |", "| --- | --- | --- | --- |",
+                *(f"| `{r['op']}` | {r['calls']} | {r['self_ms']} | {100 * r['share']:.1f}% |" for r in rows)]
+
+    lines = part(f"profile of one step on the {profile['clock']}", profile["total_ms"], profile["top"])
+    if "host" in profile:
+        lines += ["", *part("the same step on the host", profile["host"]["total_ms"], profile["host"]["top"])]
     return "\n".join(lines)
 
 
@@ -208,8 +239,8 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
     n_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step comes after the timed ones
-    captions = CAPTIONS[text]
-    batches = [{**batch, "caption": [captions[i % len(captions)]] * args.batch} for i in range(n_steps)]
+    step_captions = [CAPTIONS[text][i % len(CAPTIONS[text])] for i in range(n_steps)]
+    batches = [{**batch, "caption": [caption] * args.batch} for caption in step_captions]
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,10 +266,10 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
     row = {
         "preset": args.preset, "params": count_parameters(module.model), "layers": margs.n_layers, "dim": margs.dim,
         "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
-        "text": text, "text_tokens": sorted({len(c.encode()) + 2 for c in captions}), "trim_text": TRIMMED[text],
-        "key_mask": any(timer.masked),
+        "text": text, "text_tokens": sorted({len(c.encode()) + 2 for c in step_captions}), "trim_text": TRIMMED[text],
+        "key_mask": any(timer.masked), "graphs_compiled_in_timed_steps": timer.graphs_compiled_timed,
         "activation_checkpointing": args.ac, "compile": args.compile, "attention": args.attention,
-        "steps_timed": len(timer.times), "step_s": step_s, "step_s_min": min(timer.times), "first_step_s": timer.first_step_s,
+        "steps_timed": len(timer.times), "step_s": step_s, "step_times_s": [round(t, 4) for t in timer.times], "step_s_min": min(timer.times), "first_step_s": timer.first_step_s,
         "tokens_per_s": sum(timer.tokens) / sum(timer.times), "model_flops_per_step": statistics.median(timer.flops),
         "model_tflops_per_s": float(f"{flops_per_s / 1e12:.4g}"),
         # against the H100's dense bf16 peak and the reference block: meaningless on a CPU
@@ -248,6 +279,8 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
     }
     if profiler is not None:
         row["profile"] = {"clock": "GPU" if device.type == "cuda" else "CPU", "total_ms": profiler.total_ms, "top": profiler.rows}
+        if profiler.host is not None:
+            row["profile"]["host"] = profiler.host
         if profiler.error:
             row["profile"]["error"] = profiler.error
         else:
@@ -283,9 +316,9 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=16, help="video frames per clip (the frame size follows from --tokens)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator)")
+    p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator; varied: each of its lengths)")
     p.add_argument("--text", choices=CAPTIONS, nargs="+", default=["varied"],
-                   help="caption variants, each run at each token count (default: varied, as training runs; "
+                   help="caption variants, each run at each token count (default: varied, as a long training run runs; "
                         "every clip of a batch gets the step's caption, so no batch has a mask but padded's)")
     p.add_argument("--ac", choices=AC_MODES, default="none")
     p.add_argument("--compile", action="store_true")
@@ -300,8 +333,13 @@ def main(argv=None) -> dict:
                    help="the reference block's training TFLOP/s on this card (../shared/bench/reference_block.py; "
                         "default: the H100's); bench/device/check.sh measures it in the same lease")
     args = p.parse_args(argv)
-    if args.compile and "varied" in args.text and args.warmup < 2:
-        p.error("--text varied with --compile needs --warmup >= 2: its second step compiles the dynamic-shape graph")
+    if "varied" in args.text and args.warmup < len(VARIED):
+        p.error(f"--text varied needs --warmup >= {len(VARIED)}: the warm-up sees each of its lengths once, so the timed "
+                "steps run shapes already seen (new ones: --text fresh)")
+    if args.compile and "fresh" in args.text and args.warmup < 2:
+        p.error("--text fresh with --compile needs --warmup >= 2: its second step compiles the dynamic-shape graph")
+    if "fresh" in args.text and args.warmup + args.steps + args.profile > len(FRESH):
+        p.error(f"--text fresh has {len(FRESH)} caption lengths: --warmup + --steps (+ 1 with --profile) must not exceed that")
     device = torch.device(args.device)
     result = {"benchmark": "train_step", **describe(device, ["bench/train_step.py", *(sys.argv[1:] if argv is None else argv)]),
               "peak_flops": H100_BF16_DENSE_FLOPS, "reference_block_tflops": args.reference_block_tflops, "results": []}

@@ -16,7 +16,7 @@ from train.flops import train_flops  # noqa: E402
 
 
 def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
-    result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "1", "--text", "padded", "full",
+    result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "8", "--text", "padded", "full",
                               "varied", "--ac", "selective", "--device", "cpu", "--out", str(tmp_path)])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"train_step_cpu_{result['date']}.json", f"train_step_cpu_{result['date']}.md"]
@@ -24,6 +24,7 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
     assert saved["command"].startswith("python bench/train_step.py --preset tiny") and saved["versions"]["torch"]
     rows = saved["results"]
     assert [r["steps_timed"] for r in rows] == [2] * 6
+    assert all(len(r["step_times_s"]) == 2 and r["step_s"] == pytest.approx(sum(r["step_times_s"]) / 2, abs=1e-4) for r in rows)
     # padded: the old untrimmed text with its mask; varied: trimmed each step to its caption
     assert [(r["text"], r["key_mask"], r["trim_text"]) for r in rows] == [("padded", True, False), ("full", False, True), ("varied", False, True)] * 2
     assert rows[2]["text_tokens"] == [2, 12, 22, 30, 40, 49, 57, 64]
@@ -33,8 +34,8 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
         assert r["first_step_s"] > 0
         # tokens at the full text length, over the timed steps (2: their mean is their median)
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_sample"] / r["step_s"], rel=1e-3)
-    # FLOPs of the sequence the model ran: the trimmed captions of "varied" (64 and 2 tokens in
-    # the timed steps) against the full segment of "full"
+    # FLOPs of the sequence the model ran: the trimmed captions of "varied" (its first two lengths
+    # again, 49 and 64 tokens, in the timed steps) against the full segment of "full"
     assert rows[2]["model_flops_per_step"] < rows[1]["model_flops_per_step"]
     # the FLOPs the hook counted during the real step are exactly the layout's training FLOPs
     # (t2v with audio): one forward of a network that trains, counted 3x
@@ -49,17 +50,48 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
     assert rows[0]["model_flops_per_step"] == train_flops(layout)
 
 
-def test_train_step_bench_refuses_to_time_the_dynamic_compilation(capsys):
-    """--text varied under --compile compiles twice in its first two steps: with one warm-up step
-    the second compilation would be timed as a training step."""
+@pytest.mark.parametrize("argv, message", [
+    (["--text", "varied", "--warmup", "7"], "--warmup >= 8"),  # a timed step would see a length the first time
+    (["--text", "fresh", "--compile", "--warmup", "1"], "--warmup >= 2"),  # the dynamic-shape compilation would be timed
+    (["--text", "fresh", "--warmup", "2", "--steps", "61", "--profile"], "63 caption lengths"),  # a length seen again
+])
+def test_train_step_bench_refuses_a_case_that_would_time_the_wrong_thing(argv, message, capsys):
     with pytest.raises(SystemExit):
-        train_step.main(["--preset", "tiny", "--compile", "--text", "varied", "--warmup", "1", "--device", "cpu"])
-    assert "--warmup >= 2" in capsys.readouterr().err
+        train_step.main(["--preset", "tiny", "--device", "cpu", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_train_step_bench_fresh_gives_every_step_a_new_caption_length(tmp_path, monkeypatch):
+    """varied times the lengths its warm-up saw (a long run's steady state); fresh times lengths
+    never seen before (a new shape's one-off costs): the batches the step received say which."""
+    lengths = []  # text tokens of each step's caption, as the training step received it
+    original = train_step.PretrainModule.training_step
+
+    def record(module, batch, batch_idx):
+        lengths.append(len(batch["caption"][0].encode()) + 2)
+        return original(module, batch, batch_idx)
+
+    monkeypatch.setattr(train_step.PretrainModule, "training_step", record)
+    rows = {}
+    for text, compiled in (("varied", []), ("fresh", ["--compile"])):
+        lengths.clear()
+        (rows[text],) = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "3", "--warmup", "8", "--device", "cpu",
+                                         "--text", text, *compiled, "--out", str(tmp_path)])["results"]
+        rows[text]["lengths"] = list(lengths)
+    warm, timed = rows["varied"]["lengths"][:8], rows["varied"]["lengths"][8:]
+    assert len(set(warm)) == 8 and len(timed) == 3 and set(timed) <= set(warm)
+    warm, timed = rows["fresh"]["lengths"][:8], rows["fresh"]["lengths"][8:]
+    assert len(set(warm + timed)) == 11 and len(timed) == 3
+    assert rows["fresh"]["text_tokens"] == sorted(warm + timed) and 2 <= min(warm + timed) and max(warm + timed) <= 64
+    assert not rows["fresh"]["key_mask"] and rows["fresh"]["trim_text"]
+    # compiled, the warm-up's second length brought the dynamic-shape graph, which takes the timed
+    # steps' new lengths without compiling again (static shapes would compile one graph per length)
+    assert rows["fresh"]["graphs_compiled_in_timed_steps"] == 0
 
 
 def test_train_step_bench_profiles_one_step_after_the_timed_ones(tmp_path):
     (row,) = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                              "--profile", "--out", str(tmp_path)])["results"]
+                              "--text", "full", "--profile", "--out", str(tmp_path)])["results"]
     assert row["steps_timed"] == 2  # the profiled step is not among them
     prof = row["profile"]
     assert prof["clock"] == "CPU" and prof["total_ms"] > 0
