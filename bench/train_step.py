@@ -8,16 +8,17 @@ loader is replaced by one fixed, pinned batch (bench/data_throughput.py measures
     # the same step with the text padding mask, without it, and with captions of varying length
     python bench/train_step.py --preset proxy --tokens 16384 --compile --text padded full varied fresh
     # CPU, the tiny model (what the tests run)
-    python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 8
+    python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 12
 
 Captions:
 - "padded": a 49-token caption in the 64-token text segment, not trimmed (`trim_text=false`), so
   every attention has a key mask: training before the text was trimmed;
 - "full": a caption that fills the segment: no mask, one static shape;
-- "varied": captions of 8 lengths in turn (2 to 64 tokens, the empty one of caption dropout among
-  them), trimmed as training trims them (`trim_text=true`, the default): no mask at batch 1, and
-  under --compile the dynamic-shape graph that a changing text length brings. The warm-up sees
-  every length once (--warmup >= 8), so the timed steps are a long run's: shapes already seen.
+- "varied": captions of 12 lengths in turn (2 to 64 tokens, the empty one of caption dropout
+  among them), trimmed as training trims them (`trim_text=true`, the default): no mask at batch
+  1, and under --compile the dynamic-shape graph that a changing text length brings. The warm-up
+  sees every length once (--warmup >= 12), so the timed steps are a long run's: shapes already
+  seen (rotary tables rebuilt, as most of a long run's steps rebuild them).
   Against "full": what the dynamic-shape graph costs per step;
 - "fresh": as varied, but every step a length not seen before (the first pass of a run over the
   lengths; at most 63 steps). Against "varied": what a new shape costs once. On the H200
@@ -64,7 +65,9 @@ REFERENCE_BLOCK_TFLOPS = 595.1  # ../shared/bench: one compiled d=5120 block, 16
 FPS, SAMPLE_RATE, TEXT_LEN = 25, 16000, 64  # 16 frames = 0.64 s = 10240 samples = 160 audio latents
 FULL_CAPTION = "a red circle bounces off the floor with a click, then rolls aw"  # 62 bytes: 64 tokens with BOS, EOS
 # Captions in BOS + bytes + EOS tokens: FULL_CAPTION[:n] is n + 2 tokens, 2 to 64.
-VARIED = [FULL_CAPTION[:n] for n in (47, 62, 0, 28, 55, 10, 38, 20)]  # 8 lengths, 2 to 64 tokens
+# 12 lengths, 2 to 64 tokens: more than model.transformer.rope_tables caches (8), so its tables are
+# rebuilt each step, as in a run over the 63 caption lengths
+VARIED = [FULL_CAPTION[:n] for n in (47, 62, 0, 28, 55, 10, 38, 20, 5, 33, 51, 15)]
 FRESH = [FULL_CAPTION[: (29 * i) % 63] for i in range(63)]  # 63 distinct lengths (29 is prime to 63), scattered
 CAPTIONS = {  # each step's caption, cycled
     "padded": [FULL_CAPTION[:47]],  # 49 tokens: 15 padding, a key mask
@@ -316,7 +319,7 @@ def main(argv=None) -> dict:
     p.add_argument("--frames", type=int, default=16, help="video frames per clip (the frame size follows from --tokens)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
-    p.add_argument("--warmup", type=int, default=8, help="untimed steps first (compilation, allocator; varied: each of its lengths)")
+    p.add_argument("--warmup", type=int, default=12, help="untimed steps first (compilation, allocator; varied: each of its lengths)")
     p.add_argument("--text", choices=CAPTIONS, nargs="+", default=["varied"],
                    help="caption variants, each run at each token count (default: varied, as a long training run runs; "
                         "every clip of a batch gets the step's caption, so no batch has a mask but padded's)")

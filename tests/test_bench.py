@@ -16,7 +16,7 @@ from train.flops import train_flops  # noqa: E402
 
 
 def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
-    result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "8", "--text", "padded", "full",
+    result = train_step.main(["--preset", "tiny", "--tokens", "300", "1200", "--steps", "2", "--warmup", "12", "--text", "padded", "full",
                               "varied", "--ac", "selective", "--device", "cpu", "--out", str(tmp_path)])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"train_step_cpu_{result['date']}.json", f"train_step_cpu_{result['date']}.md"]
@@ -27,7 +27,7 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
     assert all(len(r["step_times_s"]) == 2 and r["step_s"] == pytest.approx(sum(r["step_times_s"]) / 2, abs=1e-4) for r in rows)
     # padded: the old untrimmed text with its mask; varied: trimmed each step to its caption
     assert [(r["text"], r["key_mask"], r["trim_text"]) for r in rows] == [("padded", True, False), ("full", False, True), ("varied", False, True)] * 2
-    assert rows[2]["text_tokens"] == [2, 12, 22, 30, 40, 49, 57, 64]
+    assert rows[2]["text_tokens"] == [2, 7, 12, 17, 22, 30, 35, 40, 49, 53, 57, 64]
     assert rows[0]["tokens_per_sample"] == rows[2]["tokens_per_sample"] < rows[3]["tokens_per_sample"] == rows[5]["tokens_per_sample"]
     for r in rows:
         assert r["step_s"] > 0 and r["mfu"] is None  # no H100 peak to divide by on CPU
@@ -51,7 +51,7 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--text", "varied", "--warmup", "7"], "--warmup >= 8"),  # a timed step would see a length the first time
+    (["--text", "varied", "--warmup", "11"], "--warmup >= 12"),  # a timed step would see a length the first time
     (["--text", "fresh", "--compile", "--warmup", "1"], "--warmup >= 2"),  # the dynamic-shape compilation would be timed
     (["--text", "fresh", "--warmup", "2", "--steps", "61", "--profile"], "63 caption lengths"),  # a length seen again
 ])
@@ -75,13 +75,13 @@ def test_train_step_bench_fresh_gives_every_step_a_new_caption_length(tmp_path, 
     rows = {}
     for text, compiled in (("varied", []), ("fresh", ["--compile"])):
         lengths.clear()
-        (rows[text],) = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "3", "--warmup", "8", "--device", "cpu",
+        (rows[text],) = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "3", "--warmup", "12", "--device", "cpu",
                                          "--text", text, *compiled, "--out", str(tmp_path)])["results"]
         rows[text]["lengths"] = list(lengths)
-    warm, timed = rows["varied"]["lengths"][:8], rows["varied"]["lengths"][8:]
-    assert len(set(warm)) == 8 and len(timed) == 3 and set(timed) <= set(warm)
-    warm, timed = rows["fresh"]["lengths"][:8], rows["fresh"]["lengths"][8:]
-    assert len(set(warm + timed)) == 11 and len(timed) == 3
+    warm, timed = rows["varied"]["lengths"][:12], rows["varied"]["lengths"][12:]
+    assert len(set(warm)) == 12 and len(timed) == 3 and set(timed) <= set(warm)
+    warm, timed = rows["fresh"]["lengths"][:12], rows["fresh"]["lengths"][12:]
+    assert len(set(warm + timed)) == 15 and len(timed) == 3
     assert rows["fresh"]["text_tokens"] == sorted(warm + timed) and 2 <= min(warm + timed) and max(warm + timed) <= 64
     assert not rows["fresh"]["key_mask"] and rows["fresh"]["trim_text"]
     # compiled, the warm-up's second length brought the dynamic-shape graph, which takes the timed

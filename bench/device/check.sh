@@ -65,9 +65,9 @@ reference_block() {
 
 if [ "$part" = perf ]; then
     if [ -n "$rehearse" ]; then
-        PROXY=(--preset tiny --device cpu --steps 1 --warmup 8) T16=300 T32=1200 HH=(--preset tiny --clips 64x64x1 64x64x2 --repeats 1 --device cpu)
+        PROXY=(--preset tiny --device cpu --steps 1 --warmup 12) T16=300 T32=1200 HH=(--preset tiny --clips 64x64x1 64x64x2 --repeats 1 --device cpu)
     else
-        PROXY=(--preset proxy --steps 5 --warmup 8) T16=16384 T32=32768 HH=(--clips 1920x1080x5 1280x720x5 --repeats 1)
+        PROXY=(--preset proxy --steps 5 --warmup 12) T16=16384 T32=32768 HH=(--clips 1920x1080x5 1280x720x5 --repeats 1)
     fi
     reference_block
     REF=() ref=""
@@ -79,9 +79,9 @@ if [ "$part" = perf ]; then
     # recompute, at 16K tokens, captions trimmed as training trims them (no mask). In lease 2
     # (H200), steps that each met a new caption length took 0.570 s against 0.495 s for one static
     # shape, with no more GPU busy time: host time per new shape, or the dynamic-shape graph's?
-    # "varied" times 8 lengths its warm-up saw (a long run's steady state), "fresh" new ones, "full"
+    # "varied" times 12 lengths its warm-up saw (a long run's steady state), "fresh" new ones, "full"
     # the static shape; --profile adds each case's top host operators to its json. The warm-up
-    # (8 steps) holds the compilations: static at the first step, dynamic at the second length.
+    # (12 steps) holds the compilations: static at the first step, dynamic at the second length.
     step 300 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text varied fresh full --ac none --profile "${REF[@]}" --out "$OUT"
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
     if [ -n "$rehearse" ] || [[ "$gpu" == *H100* ]]; then
@@ -120,7 +120,8 @@ rm -rf "$RUNS"
 # Limits: in lease 2 (H200, ZeRO-2, trimmed captions) pretraining took 135 s for 50 steps
 # (0.12 s a step after the first window), distillation 79 s for its first 10 iterations (the
 # compilations: two per graph, student, critic and teacher) and 0.35 s for each of the next 10,
-# then stopped at its 150 s limit before iteration 30 for want of a timed log to say where.
+# then stopped at its 150 s limit, most likely in its end-of-run work (checkpoint, the samples,
+# whose sampling graphs compile then, export): its metrics end at iteration 20 of 30.
 step 200 pretrain_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
     trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_$stage"
 keep_metrics pretrain_$stage
