@@ -25,12 +25,13 @@ Captions:
   (2026-11-26), steps of new lengths took 0.570 s against 0.495 s for one static shape, with no
   more GPU busy time: host time, whose operators --profile's "host" list names.
 
-Reports per case: step time (median of the timed steps; the device is synchronised around each
-step by the timer only), the first step's time (compilation included), tokens/s (the clip's
-tokens at the full text length, as training's perf/tokens_per_sec) and model TFLOP/s over the
-timed steps (train/flops.py: 3 x forward matmuls and attention, no recompute, of the sequence the
-model ran: trimmed captions count their own length), MFU against 989 TFLOP/s, peak memory; writes
-bench/results/train_step_<device>_<date>.{json,md}, rewritten after each case (a run stopped
+Reports per case: step time (median of the timed steps, each also listed; the device is
+synchronised around each step by the timer only), the graphs dynamo compiled during the timed steps
+(0 unless a shape broke a guard), the first step's time (compilation included), tokens/s (the
+clip's tokens at the full text length, as training's perf/tokens_per_sec) and model TFLOP/s over
+the timed steps (train/flops.py: 3 x forward matmuls and attention, no recompute, of the sequence
+the model ran: trimmed captions count their own length), MFU against 989 TFLOP/s, peak memory;
+writes bench/results/train_step_<device>_<date>.{json,md}, rewritten after each case (a run stopped
 early keeps the cases it finished).
 """
 
@@ -75,7 +76,6 @@ CAPTIONS = {  # each step's caption, cycled
     "varied": VARIED,
     "fresh": FRESH,  # never cycled: main() refuses more steps than lengths
 }
-TRIMMED = {"padded": False, "full": True, "varied": True, "fresh": True}  # RunConfig.trim_text per case
 
 PRESETS = {
     # hh15b's width, heads, MLP and gate; modality layers for text/video/audio as in t2v training.
@@ -243,12 +243,13 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
         batch = {k: v.pin_memory() for k, v in batch.items()}
     n_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step comes after the timed ones
     step_captions = [CAPTIONS[text][i % len(CAPTIONS[text])] for i in range(n_steps)]
+    trim_text = text != "padded"  # RunConfig.trim_text: every case but the one of training before it
     batches = [{**batch, "caption": [caption] * args.batch} for caption in step_captions]
     loader = torch.utils.data.DataLoader(batches, batch_size=None)
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunConfig(run_dir=tmp, activation_checkpointing=args.ac, compile=args.compile, attention_backends=args.attention,
-                        trim_text=TRIMMED[text])
+                        trim_text=trim_text)
         flow = FlowConfig(text_len=TEXT_LEN, caption_dropout=0.0)
         meta = {"data": {"fps": FPS, "sample_rate": SAMPLE_RATE}, "text_len": TEXT_LEN, "shift_args": flow.shift_args}
         # ModelArgs, as `python -m train pretrain` passes them: the module builds the model in
@@ -269,7 +270,7 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
     row = {
         "preset": args.preset, "params": count_parameters(module.model), "layers": margs.n_layers, "dim": margs.dim,
         "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
-        "text": text, "text_tokens": sorted({len(c.encode()) + 2 for c in step_captions}), "trim_text": TRIMMED[text],
+        "text": text, "text_tokens": sorted({len(c.encode()) + 2 for c in step_captions}), "trim_text": trim_text,
         "key_mask": any(timer.masked), "graphs_compiled_in_timed_steps": timer.graphs_compiled_timed,
         "activation_checkpointing": args.ac, "compile": args.compile, "attention": args.attention,
         "steps_timed": len(timer.times), "step_s": step_s, "step_times_s": [round(t, 4) for t in timer.times], "step_s_min": min(timer.times), "first_step_s": timer.first_step_s,
