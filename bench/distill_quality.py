@@ -13,6 +13,8 @@ Reports, for real clips (the reference), teacher and student:
   colour_acc    the dominant colour is one of the caption's colours
   axis_acc      horizontal/vertical motion as captioned (clips with those motions only)
   seconds/clip  wall-clock of generation (batch 1, the device named in the json)
+With --float8 RECIPE the student is also sampled with FP8 block matmuls (train/float8.py), on the
+same prompts and seeds: the same measures, and its clips' relative difference to the student's.
 Writes bench/results/distill_quality_<device>_<date>.json (or --out) and prints a table.
 """
 
@@ -37,6 +39,7 @@ from data.decode import decode_clip  # noqa: E402
 from data.synthetic import synthetic_clip  # noqa: E402
 from bench.environment import describe, slug  # noqa: E402
 from train.checkpoint import load_generator  # noqa: E402
+from train.float8 import FLOAT8_RECIPES, apply_float8  # noqa: E402
 from train.sampling import ClipSpec, Guidance, generate  # noqa: E402
 
 HELD_OUT_SEED = 1_000_003  # the training set uses seed 0: these scenes were never trained on
@@ -115,6 +118,16 @@ def sample_set(path: str, generator, real: list[dict], seconds: float, height: i
     return out, info
 
 
+def difference(clips: list[dict], reference: list[dict]) -> dict:
+    """How far clips are from the same prompts and seeds sampled another way: mean over clips of
+    |x - ref| / |ref| for the pixels and the waveform."""
+    out = {}
+    for key in ("video", "audio"):
+        rel = [float((c[key] - r[key]).norm() / r[key].norm().clamp_min(1e-12)) for c, r in zip(clips, reference)]
+        out[f"{key}_relative_difference_to_student"] = sum(rel) / len(rel)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True)
@@ -127,6 +140,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--teacher-cfg", type=float, default=5.0)
     parser.add_argument("--source-fps", type=int, default=24, help="frame rate the held-out clips are rendered at")
     parser.add_argument("--source-rate", type=int, default=16000, help="sample rate the held-out clips are rendered at")
+    parser.add_argument("--float8", choices=FLOAT8_RECIPES, default="none",
+                        help="also sample the student with FP8 block matmuls (train/float8.py): the quality cost of FP8")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -142,6 +157,12 @@ def main(argv=None) -> dict:
     student, student_info = sample_set(args.student, load_generator(args.student, args.device), real, args.seconds,
                                        args.height, args.width, None, None, args.device)
     sets["teacher"], sets["student"] = (teacher, teacher_info), (student, student_info)
+    if args.float8 != "none":
+        generator = load_generator(args.student, args.device)
+        apply_float8(generator[0], args.float8, torch.device(args.device))
+        fp8, fp8_info = sample_set(args.student, generator, real, args.seconds, args.height, args.width, None, None, args.device)
+        fp8_info.update(float8=args.float8, **difference(fp8, student))
+        sets["student_float8"] = (fp8, fp8_info)
 
     real_feats = features(real, fps, rate)
     mean, std = real_feats.mean(0), real_feats.std(0).clamp_min(1e-6)
@@ -172,10 +193,13 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     keys = ["network_evaluations", "seconds_per_clip_median", "fd", "sync_mean_abs_offset_ms", "sync_onsets_matched", "sync_events_matched", "colour_acc", "axis_acc"]
-    print(f"{'':8}" + "".join(f"{k[:18]:>20}" for k in keys))
+    print(f"{'':15}" + "".join(f"{k[:18]:>20}" for k in keys))
     for name, row in report.items():
         cells = [row.get(k) for k in keys]
-        print(f"{name:8}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v):>20}" for v in cells))
+        print(f"{name:15}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v):>20}" for v in cells))
+        if "video_relative_difference_to_student" in row:
+            print(f"{'':15}relative difference to the student's clips: video {row['video_relative_difference_to_student']:.4f}, "
+                  f"audio {row['audio_relative_difference_to_student']:.4f}")
     print(f"wrote {out}")
     return result
 

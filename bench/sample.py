@@ -5,6 +5,7 @@ runs them: no forward has a padding mask).
 
     python bench/sample.py                       # GPU: hh15b, layers timed at two depths
     python bench/sample.py --full                # time the whole 40-layer model (needs ~30 GB + activations)
+    python bench/sample.py --compile --float8 none tensorwise rowwise   # bf16, then FP8 block matmuls
     python bench/sample.py --preset tiny --clips 64x64x1 --repeats 1     # CPU (what the tests run)
 
 Token counts assume hh15b's latents: a Wan2.2-style video VAE (16x spatial, 4x temporal, 48 ch,
@@ -16,7 +17,9 @@ fixed (embeddings, heads, timestep MLP) + 40 x per-layer time, with per-layer = 
 (k2 - k1). Modality and shared blocks do the same work per token (a token meets one weight set),
 so one per-layer time serves both. VAE decoding is not included. Forwards run in bf16 under
 torch.inference_mode with the attention order of training (cuDNN first), compiled per block with
---compile (static shapes: each forward shape its own graph). Writes
+--compile (static shapes: each forward shape its own graph); with --float8 the blocks' projections
+run on the FP8 tensor cores (torchao, train/float8.py; the weights are cast at each forward, as in
+training). Writes
 bench/results/sample_<device>_<date>.{json,md}, rewritten after each clip (a run stopped early
 keeps the clips it finished: order --clips by priority).
 """
@@ -37,6 +40,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from bench.environment import describe, slug, write  # noqa: E402
 from model import AVTransformer, ModelArgs, Segment, SequenceLayout  # noqa: E402
+from train.float8 import FLOAT8_RECIPES, apply_float8  # noqa: E402
 from train.flops import forward_flops  # noqa: E402
 from train.parallelize import apply_compile, attention_backends  # noqa: E402
 
@@ -82,7 +86,7 @@ def time_forward(model: AVTransformer, segs, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def build(preset: dict, device, compile_blocks: bool, **depth) -> AVTransformer:
+def build(preset: dict, device, compile_blocks: bool, float8: str = "none", **depth) -> AVTransformer:
     args = ModelArgs(**{**preset, **depth})
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: 30 GB, not 60 GB of fp32 first
@@ -91,6 +95,8 @@ def build(preset: dict, device, compile_blocks: bool, **depth) -> AVTransformer:
             model = AVTransformer(args).eval()
     finally:
         torch.set_default_dtype(default)
+    if float8 != "none":  # before compile, as training applies it
+        apply_float8(model, float8, device)
     if compile_blocks:
         # Static shapes: each timed forward runs the graph of its own shape, as a sampler of one
         # clip size and no guidance does (training's dynamic=None would make the first change of
@@ -107,6 +113,8 @@ def main(argv=None) -> dict:
     p.add_argument("--depths", type=int, nargs=2, default=[1, 3], help="shared blocks of the two timed models")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--float8", choices=FLOAT8_RECIPES, nargs="+", default=["none"],
+                   help="FP8 block matmuls (train/float8.py), each recipe timed in turn (e.g. none tensorwise)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="")
@@ -120,51 +128,65 @@ def main(argv=None) -> dict:
     full_args = ModelArgs(**cfg)
     n_layers = full_args.n_layers
 
-    if args.full:
-        models = {n_layers: build(cfg, device, args.compile)}
-    else:
-        models = {k + 2: build(cfg, device, args.compile, n_modality_in=1, n_shared=k, n_modality_out=1) for k in args.depths}
-    how = "whole model" if args.full else f"extrapolated from {sorted(models)} layers"
+    depths = [n_layers] if args.full else [k + 2 for k in args.depths]
+    how = "whole model" if args.full else f"extrapolated from {depths} layers"
     result = {"benchmark": "sample", **describe(device, ["bench/sample.py", *(sys.argv[1:] if argv is None else argv)]),
-              "preset": args.preset, "layers": n_layers, "extrapolated_from_depths": None if args.full else sorted(models),
-              "compile": args.compile, "latents": {"vae_spatial": VAE_SPATIAL, "vae_temporal": VAE_TEMPORAL, "video_fps": VIDEO_FPS,
+              "preset": args.preset, "layers": n_layers, "extrapolated_from_depths": None if args.full else depths,
+              "compile": args.compile, "float8": args.float8, "latents": {"vae_spatial": VAE_SPATIAL, "vae_temporal": VAE_TEMPORAL, "video_fps": VIDEO_FPS,
                                                    "audio_latent_hz": AUDIO_LATENT_HZ, "text_tokens": TEXT_TOKENS},
               "results": []}
     rows, stem = result["results"], f"sample_{slug(device)}_{result['date']}{args.tag}"
     title = f"{args.preset}, {n_layers} layers ({how}), bf16, compile={args.compile}"
-    with attention_backends():
-        for clip in args.clips:
-            width, height, seconds = (float(x) for x in clip.split("x"))
-            segs = segments(full_args, int(width), int(height), seconds)
-            uncond = segments(full_args, int(width), int(height), seconds, text_tokens=2)  # the empty caption: BOS + EOS
-            layout = SequenceLayout(segs, full_args)
-            row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens}
-            for layout_segs, name in ((segs, "student_forward_s"), (uncond, "uncond_forward_s")):
-                measured = {depth: time_forward(m, layout_segs, args.repeats, device) for depth, m in models.items()}
-                row[name.replace("_s", "_measured_s")] = {str(depth): t for depth, t in measured.items()}
-                if args.full:
-                    row[name] = measured[n_layers]
-                else:
-                    (d1, t1), (d2, t2) = sorted(measured.items())
-                    per_layer = (t2 - t1) / (d2 - d1)
-                    row[name] = t1 + (n_layers - d1) * per_layer
-                    row[name.replace("_s", "_per_layer_s")] = per_layer
-            row["teacher_cfg_forward_s"] = row["student_forward_s"] + row["uncond_forward_s"]
-            row["student_8_steps_s"] = STUDENT_STEPS * row["student_forward_s"]
-            row["teacher_50_steps_cfg_s"] = TEACHER_STEPS * row["teacher_cfg_forward_s"]
-            flops = forward_flops(layout)
-            row["forward_tflops"] = flops / 1e12
-            row["forward_tflops_per_s"] = flops / row["student_forward_s"] / 1e12
-            rows.append(row)
-            print(row, file=sys.stderr)
-            write(result, args.out, stem, table(rows, title))
+    for float8 in args.float8:
+        torch._dynamo.reset()  # each recipe's blocks compile their own graphs (dynamo caches per code object)
+        if args.full:
+            models = {n_layers: build(cfg, device, args.compile, float8)}
+        else:
+            models = {k + 2: build(cfg, device, args.compile, float8, n_modality_in=1, n_shared=k, n_modality_out=1) for k in args.depths}
+        with attention_backends():
+            for clip in args.clips:
+                rows.append(time_clip(models, full_args, clip, args, device) | {"float8": float8})
+                print(rows[-1], file=sys.stderr)
+                write(result, args.out, stem, table(rows, title))
+        del models  # the next recipe's models are built in this memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return result
 
 
+def time_clip(models: dict[int, AVTransformer], full_args: ModelArgs, clip: str, args, device) -> dict:
+    """One clip's row: the student's and the uncond forward, measured at each depth (and
+    extrapolated to the whole model), the 8-step and the 50-step + CFG totals."""
+    n_layers = full_args.n_layers
+    width, height, seconds = (float(x) for x in clip.split("x"))
+    segs = segments(full_args, int(width), int(height), seconds)
+    uncond = segments(full_args, int(width), int(height), seconds, text_tokens=2)  # the empty caption: BOS + EOS
+    layout = SequenceLayout(segs, full_args)
+    row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens}
+    for layout_segs, name in ((segs, "student_forward_s"), (uncond, "uncond_forward_s")):
+        measured = {depth: time_forward(m, layout_segs, args.repeats, device) for depth, m in models.items()}
+        row[name.replace("_s", "_measured_s")] = {str(depth): t for depth, t in measured.items()}
+        if args.full:
+            row[name] = measured[n_layers]
+        else:
+            (d1, t1), (d2, t2) = sorted(measured.items())
+            per_layer = (t2 - t1) / (d2 - d1)
+            row[name] = t1 + (n_layers - d1) * per_layer
+            row[name.replace("_s", "_per_layer_s")] = per_layer
+    row["teacher_cfg_forward_s"] = row["student_forward_s"] + row["uncond_forward_s"]
+    row["student_8_steps_s"] = STUDENT_STEPS * row["student_forward_s"]
+    row["teacher_50_steps_cfg_s"] = TEACHER_STEPS * row["teacher_cfg_forward_s"]
+    flops = forward_flops(layout)
+    row["forward_tflops"] = flops / 1e12
+    row["forward_tflops_per_s"] = flops / row["student_forward_s"] / 1e12
+    return row
+
+
 def table(rows: list[dict], title: str) -> str:
-    lines = [title, "", "| clip | tokens | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [title, "", "| clip | tokens | float8 | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['clip']} | {r['tokens']} | {r['student_forward_s']:.4g} | {r['forward_tflops_per_s']:.4g} | "
+        lines.append(f"| {r['clip']} | {r['tokens']} | {r['float8']} | {r['student_forward_s']:.4g} | {r['forward_tflops_per_s']:.4g} | "
                      f"{r['student_8_steps_s']:.4g} | {r['teacher_50_steps_cfg_s']:.4g} |")
     return "\n".join(lines)
 

@@ -7,6 +7,8 @@ loader is replaced by one fixed, pinned batch (bench/data_throughput.py measures
     python bench/train_step.py --preset proxy --tokens 16384 32768 --compile --ac none
     # the same step with the text padding mask, without it, and with captions of varying length
     python bench/train_step.py --preset proxy --tokens 16384 --compile --text padded full varied fresh
+    # the block matmuls in FP8 (torchao), two scaling recipes against bf16
+    python bench/train_step.py --preset proxy --tokens 16384 --compile --text full --float8 none tensorwise rowwise
     # CPU, the tiny model (what the tests run)
     python bench/train_step.py --preset tiny --tokens 256 --steps 2 --warmup 12
 
@@ -30,7 +32,9 @@ synchronised around each step by the timer only), the graphs dynamo compiled dur
 (0 unless a shape broke a guard), the first step's time (compilation included), tokens/s (the
 clip's tokens at the full text length, as training's perf/tokens_per_sec) and model TFLOP/s over
 the timed steps (train/flops.py: 3 x forward matmuls and attention, no recompute, of the sequence
-the model ran: trimmed captions count their own length), MFU against 989 TFLOP/s, peak memory;
+the model ran: trimmed captions count their own length), MFU against 989 TFLOP/s (the bf16 dense
+peak, also for --float8 cases, whose block matmuls run on the FP8 tensor cores: there it is the
+bf16-equivalent rate), peak memory;
 writes bench/results/train_step_<device>_<date>.{json,md}, rewritten after each case (a run stopped
 early keeps the cases it finished).
 """
@@ -56,6 +60,7 @@ from bench.environment import describe, slug, write  # noqa: E402
 from model import ModelArgs, count_parameters  # noqa: E402
 from train.codec import PatchCodec  # noqa: E402
 from train.config import FlowConfig, OptimConfig, RunConfig  # noqa: E402
+from train.float8 import FLOAT8_RECIPES  # noqa: E402
 from train.flops import H100_BF16_DENSE_FLOPS  # noqa: E402
 from train.parallelize import AC_MODES, DEFAULT_ATTENTION_ORDER, attention_backends  # noqa: E402
 from train.pretrain import PretrainModule  # noqa: E402
@@ -221,7 +226,7 @@ def profile_table(profile: dict) -> str:
     return "\n".join(lines)
 
 
-def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
+def run_case(args, tokens_target: int, text: str, float8: str, device: torch.device) -> dict:
     # Each case compiles its own graphs: dynamo caches per code object, so a later case would
     # otherwise run an earlier one's graphs ("full" after "varied": the dynamic one, not its own).
     torch._dynamo.reset()
@@ -249,7 +254,7 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunConfig(run_dir=tmp, activation_checkpointing=args.ac, compile=args.compile, attention_backends=args.attention,
-                        trim_text=trim_text)
+                        trim_text=trim_text, float8=float8)
         flow = FlowConfig(text_len=TEXT_LEN, caption_dropout=0.0)
         meta = {"data": {"fps": FPS, "sample_rate": SAMPLE_RATE}, "text_len": TEXT_LEN, "shift_args": flow.shift_args}
         # ModelArgs, as `python -m train pretrain` passes them: the module builds the model in
@@ -272,7 +277,8 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
         "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
         "text": text, "text_tokens": sorted({len(c.encode()) + 2 for c in step_captions}), "trim_text": trim_text,
         "key_mask": any(timer.masked), "graphs_compiled_in_timed_steps": timer.graphs_compiled_timed,
-        "activation_checkpointing": args.ac, "compile": args.compile, "attention": args.attention,
+        "activation_checkpointing": args.ac, "compile": args.compile, "float8": float8,
+        "float8_layers": sum(type(m).__name__ == "Float8Linear" for m in module.model.modules()), "attention": args.attention,
         "steps_timed": len(timer.times), "step_s": step_s, "step_times_s": [round(t, 4) for t in timer.times], "step_s_min": min(timer.times), "first_step_s": timer.first_step_s,
         "tokens_per_s": sum(timer.tokens) / sum(timer.times), "model_flops_per_step": statistics.median(timer.flops),
         "model_tflops_per_s": float(f"{flops_per_s / 1e12:.4g}"),
@@ -297,8 +303,8 @@ def run_case(args, tokens_target: int, text: str, device: torch.device) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| preset | layers | tokens | text | AC | compile | step s | first step s | tokens/s | model TFLOP/s | MFU (989) | of ref. block | peak GB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| preset | layers | tokens | text | AC | compile | float8 | step s | first step s | tokens/s | model TFLOP/s | MFU (989) | of ref. block | peak GB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     def pct(x):
         return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -308,7 +314,7 @@ def table(rows: list[dict]) -> str:
         text_tokens = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
         trimmed = ", trimmed" if r["trim_text"] else ""
         lines.append(f"| {r['preset']} | {r['layers']} | {r['batch']} x {r['tokens_per_sample']} | {r['text']}: {text_tokens}{trimmed} ({mask}) | "
-                     f"{r['activation_checkpointing']} | {r['compile']} | {r['step_s']:.4f} | {r['first_step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.3g} | "
+                     f"{r['activation_checkpointing']} | {r['compile']} | {r['float8']} | {r['step_s']:.4f} | {r['first_step_s']:.1f} | {r['tokens_per_s']:.0f} | {r['model_tflops_per_s']:.3g} | "
                      f"{pct(r['mfu'])} | {pct(r['of_reference_block'])} | {r['peak_memory_gb'] or '-'} |")
     return "\n".join(lines)
 
@@ -326,6 +332,8 @@ def main(argv=None) -> dict:
                         "every clip of a batch gets the step's caption, so no batch has a mask but padded's)")
     p.add_argument("--ac", choices=AC_MODES, default="none")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--float8", choices=FLOAT8_RECIPES, nargs="+", default=["none"],
+                   help="FP8 block matmuls (train/float8.py), each recipe its own case (e.g. none tensorwise rowwise)")
     p.add_argument("--attention", nargs="+", default=list(DEFAULT_ATTENTION_ORDER))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -350,8 +358,9 @@ def main(argv=None) -> dict:
     stem = f"train_step_{slug(device)}_{result['date']}{args.tag}"
     for n in args.tokens:
         for text in args.text:
-            result["results"].append(run_case(args, n, text, device))
-            write(result, args.out, stem, table(result["results"]))
+            for float8 in args.float8:
+                result["results"].append(run_case(args, n, text, float8, device))
+                write(result, args.out, stem, table(result["results"]))
     return result
 
 

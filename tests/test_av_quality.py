@@ -88,15 +88,22 @@ def test_quality_report_runs_on_tiny_exports(tmp_path):
     args = tiny_args(codec, 32)
     torch.manual_seed(0)
     model = AVTransformer(args)
+    with torch.no_grad():  # outputs that depend on the blocks (the heads start at zero)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     meta = describe(model.args, codec, FPS, SR, 1, 32, (256, 1.0, 3.0))
     teacher = export_safetensors(tmp_path / "teacher.safetensors", model.state_dict(), meta, 10, "raw")
     student = export_safetensors(tmp_path / "student.safetensors", model.state_dict(), {**meta, "student": {"steps": 4, "timesteps": None}}, 5, "raw")
     out = tmp_path / "report.json"
     distill_quality.main(["--teacher", str(teacher), "--student", str(student), "--clips", "4", "--seconds", "1.0",
-                          "--height", "16", "--width", "16", "--teacher-steps", "3", "--device", "cpu", "--out", str(out)])
+                          "--height", "16", "--width", "16", "--teacher-steps", "3", "--device", "cpu", "--out", str(out),
+                          "--float8", "tensorwise"])
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert set(rows) == {"real", "teacher", "student"}
+    assert set(rows) == {"real", "teacher", "student", "student_float8"}
+    fp8 = rows["student_float8"]  # the same student, prompts and seeds, FP8 block matmuls: close, not equal
+    assert fp8["float8"] == "tensorwise" and fp8["network_evaluations"] == 4
+    assert 0 < fp8["video_relative_difference_to_student"] < 0.2 and 0 < fp8["audio_relative_difference_to_student"] < 0.2
     assert rows["teacher"]["network_evaluations"] == 6 and rows["student"]["network_evaluations"] == 4
     assert rows["student"]["sampler"] == "student" and rows["teacher"]["sampler"] == "euler"
     assert rows["real"]["colour_acc"] == 1.0

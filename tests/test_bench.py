@@ -100,6 +100,15 @@ def test_train_step_bench_profiles_one_step_after_the_timed_ones(tmp_path):
     assert any("mm" in r["op"] for r in prof["top"])  # the step's matmuls are in it
 
 
+def test_train_step_bench_times_float8_cases_on_cpu(tmp_path):
+    result = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                              "--text", "full", "--float8", "none", "tensorwise", "--out", str(tmp_path)])
+    rows = result["results"]
+    assert [(r["float8"], r["float8_layers"]) for r in rows] == [("none", 0), ("tensorwise", 28)]  # (3 + 1 + 3 weight sets) x 4 projections
+    assert rows[0]["model_flops_per_step"] == rows[1]["model_flops_per_step"] > 0  # the same model FLOPs, at another rate
+    assert "| full: 64, trimmed (no mask) | none | False | tensorwise |" in (tmp_path / f"train_step_cpu_{result['date']}.md").read_text()
+
+
 def test_sample_bench_extrapolates_layers_on_cpu(tmp_path):
     result = sample.main(["--preset", "tiny", "--clips", "64x64x1", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path)])
     assert (tmp_path / f"sample_cpu_{result['date']}.md").is_file()
@@ -114,6 +123,15 @@ def test_sample_bench_extrapolates_layers_on_cpu(tmp_path):
     assert row["teacher_50_steps_cfg_s"] == pytest.approx(50 * row["teacher_cfg_forward_s"])
     # text 256 bytes + video 1+6 latent frames of 2x2 tokens + audio 22 latents
     assert row["tokens"] == 256 + 7 * 2 * 2 + 22
+
+
+def test_sample_bench_times_each_float8_recipe_on_cpu(tmp_path):
+    result = sample.main(["--preset", "tiny", "--clips", "64x64x1", "--repeats", "1", "--device", "cpu", "--float8", "none", "tensorwise",
+                          "--out", str(tmp_path), "--tag", "_fp8"])
+    rows = result["results"]
+    assert [r["float8"] for r in rows] == ["none", "tensorwise"] and all(r["student_forward_s"] > 0 for r in rows)
+    assert rows[0]["forward_tflops"] == rows[1]["forward_tflops"]  # the same model FLOPs, at another rate
+    assert "| 64x64 1 s | 306 | tensorwise |" in (tmp_path / f"sample_cpu_{result['date']}_fp8.md").read_text()
 
 
 def test_sample_bench_token_counts_of_hh15b():

@@ -84,7 +84,20 @@ def test_distill_end_to_end_then_resume_exactly(shards, teacher, tmp_path):  # n
     with av.open(str(out)) as c:
         assert c.streams.video[0].frames == round(SECONDS * FPS) and len(c.streams.audio) == 1
     info = json.loads(out.with_suffix(".json").read_text())
-    assert (info["steps"], info["network_evaluations"], info["sampler"]) == (8, 8, "student")
+    assert (info["steps"], info["network_evaluations"], info["sampler"], info["float8"]) == (8, 8, "student", "none")
+    # the same with FP8 block matmuls (train/float8.py; on CPU the tensorwise recipe)
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "sample", f"ckpt={straight / 'export' / 'model.safetensors'}", "seed=3",
+         f"seconds={SECONDS}", "height=16", "width=16", f"out={out}", "float8=tensorwise"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(out.with_suffix(".json").read_text())["float8"] == "tensorwise"
+    res = subprocess.run(
+        [sys.executable, "-m", "train", "sample", f"ckpt={straight / 'export' / 'model.safetensors'}", f"out={out}", "float8=rowwise"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 2 and "float8=rowwise: on CPU only float8=tensorwise" in res.stderr
 
 
 def test_distill_refuses_a_teacher_of_another_config(shards, teacher, tmp_path):  # noqa: F811

@@ -3,6 +3,7 @@ with the metrics, an mp4 with audio, exact resume, and `python -m train sample` 
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,7 +72,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 def test_pretrain_end_to_end_then_resume_exactly(shards, tmp_path):
     straight = tmp_path / "straight"
-    pretrain(straight, shards, 4, "peak_flops=1e12")  # a peak to divide by on CPU: perf/mfu gets logged
+    out = pretrain(straight, shards, 4, "peak_flops=1e12")  # a peak to divide by on CPU: perf/mfu gets logged
+    # the end-of-run work is timed in the log: the samples (also the step-2 ones), then the export
+    log = out.stdout + out.stderr
+    assert re.search(r"samples at step 4: 1 clip \(samples/generator\) in [\d.]+ s", log), log[-2000:]
+    assert re.search(r"export: \S+model\.safetensors \(ema weights, step 4\) in [\d.]+ s", log), log[-2000:]
     # checkpoints every 2 steps and last
     ckpts = {p.name for p in (straight / "checkpoints").glob("*.ckpt")}
     assert "last.ckpt" in ckpts and any("step=2" in c for c in ckpts) and any("step=4" in c for c in ckpts)

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from train.checkpoint import export_safetensors
 from train.config import SampleConfig
@@ -81,7 +82,13 @@ class SampleCallback(L.Callback):
             return
         self._last_step = trainer.global_step
         out_dir = self.out_dir if trainer.is_global_zero else None
-        for key, paths in module.write_samples(self.sample, out_dir, f"step{trainer.global_step:07d}").items():
+        start = time.perf_counter()
+        written = module.write_samples(self.sample, out_dir, f"step{trainer.global_step:07d}")
+        # Timed in the log: the first samples of a compiled run also compile the sampling graphs.
+        n = sum(len(p) for p in written.values())
+        rank_zero_info(f"samples at step {trainer.global_step}: {n} clip{'s' * (n != 1)} ({', '.join(written)}) "
+                       f"in {time.perf_counter() - start:.1f} s")
+        for key, paths in written.items():
             if trainer.is_global_zero:
                 log_videos(trainer, paths, self.sample.prompts, key)
 
@@ -117,10 +124,12 @@ class ExportCallback(L.Callback):
     def on_train_end(self, trainer, module):
         if was_preempted(trainer):  # not the end of training: the run resumes later
             return
+        start = time.perf_counter()
         weights, source = module.export_weights()  # every rank: gathering is collective under ZeRO-3
         if not trainer.is_global_zero:
             return
         export_safetensors(self.path, weights, module.meta, trainer.global_step, source)
+        rank_zero_info(f"export: {self.path} ({source} weights, step {trainer.global_step}) in {time.perf_counter() - start:.1f} s")
 
 
 class RNGStateCallback(L.Callback):

@@ -4,6 +4,7 @@ raises ConfigError naming the option, the value and what is allowed."""
 
 from dataclasses import dataclass, field
 
+from train.float8 import FLOAT8_RECIPES
 from train.parallelize import AC_MODES, ATTENTION_BACKENDS, DEFAULT_ATTENTION_ORDER
 
 
@@ -103,6 +104,9 @@ class RunConfig:
     # Scaled-dot-product-attention kernels in priority order (train/parallelize.py).
     attention_backends: list[str] = field(default_factory=lambda: list(DEFAULT_ATTENTION_ORDER))
     compile: bool = False
+    # FP8 matmuls in the blocks' projections through torchao (train/float8.py): none | tensorwise |
+    # rowwise | rowwise_with_gw_hp. Needs FP8 tensor cores (H100); on CPU tensorwise, for tests.
+    float8: str = "none"
     # Cut each batch's text segment to its longest caption (exact for left-padded captions,
     # train/sequence.py): a batch of one then needs no attention key mask, which costs cuDNN
     # attention a large part of its speed. Under compile the text length becomes a dynamic size
@@ -125,6 +129,7 @@ class RunConfig:
         _require(bool(self.attention_backends) and not bad, "attention_backends", list(self.attention_backends),
                  f"a non-empty list from {', '.join(ATTENTION_BACKENDS)}")
         self.attention_backends = list(self.attention_backends)
+        _require(self.float8 in FLOAT8_RECIPES, "float8", self.float8, f"choose from {', '.join(FLOAT8_RECIPES)}")
         _require(self.peak_flops is None or self.peak_flops > 0, "peak_flops", self.peak_flops, "must be > 0 FLOP/s, or null")
 
 

@@ -52,6 +52,7 @@ from train.dmd import (
     student_generate_at,
 )
 from train.ema import EMA
+from train.float8 import apply_float8
 from train.flow import add_noise, shift_for_tokens
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.checkpoint import export_weights, load_into, model_args
@@ -217,6 +218,9 @@ class DistillModule(L.LightningModule):
         if self.student is None:
             self._build_networks()
         with outside_zero_init():
+            if self.run.float8 != "none":  # before checkpointing and compile: they wrap what it swaps in
+                for name, net in (("student", self.student), ("critic", self.critic.net), ("teacher", self.teacher)):
+                    rank_zero_info(f"{name}: {apply_float8(net, self.run.float8, self.trainer.strategy.root_device)}")
             for net in (self.student, self.critic.net):  # the teacher has no backward: nothing to keep
                 apply_activation_checkpointing(net, self.run.activation_checkpointing)
             if self.run.compile:

@@ -27,6 +27,8 @@ AC_MODES = ("none", "full", "selective")
 
 # Selective checkpointing keeps what is expensive to recompute (every matmul and the attention
 # kernels) and recomputes only the cheap elementwise work: norms, modulation, RoPE, SiLU, gates.
+# FP8 matmuls (train/float8.py) reach the policy as aten.mm on torchao's float8 tensors, eager
+# and compiled: they are kept like the rest, and their casts recomputed.
 _ATTENTION_OPS = (
     "_scaled_dot_product_cudnn_attention",
     "_scaled_dot_product_flash_attention",

@@ -18,6 +18,7 @@ from train.checkpoint import export_weights, model_args
 from train.codec import PatchCodec
 from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
+from train.float8 import apply_float8
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps, sequence_length
@@ -70,6 +71,8 @@ class PretrainModule(L.LightningModule):
             whole, held = parameter_counts(self.model)
             rank_zero_info(f"model built on {self.trainer.strategy.root_device}: {whole:,} parameters, {held:,} of them held by this rank")
         with outside_zero_init():
+            if self.run.float8 != "none":  # before checkpointing and compile: they wrap what it swaps in
+                rank_zero_info(apply_float8(self.model, self.run.float8, self.trainer.strategy.root_device))
             apply_activation_checkpointing(self.model, self.run.activation_checkpointing)
             if self.run.compile:
                 rank_zero_info(f"compile: {apply_compile(self.model)}")

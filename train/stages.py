@@ -244,6 +244,7 @@ def run_sample(cfg: DictConfig) -> None:
     import time
 
     from train.checkpoint import load_generator
+    from train.float8 import apply_float8
     from train.media import write_av_mp4
     from train.parallelize import attention_backends
     from train.sampling import ClipSpec, Guidance, generate
@@ -254,6 +255,12 @@ def run_sample(cfg: DictConfig) -> None:
     # bf16 weights on a GPU: what the sampler computes in there anyway (train/sampling.py), at
     # half the memory (hh15b: 30 GB instead of 60).
     model, codec, meta, step = load_generator(cfg.ckpt, device, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    float8 = str(cfg.get("float8", "none"))
+    if float8 != "none":
+        try:
+            apply_float8(model, float8, torch.device(device))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     # Defaults come from the checkpoint: a teacher samples 50 Euler steps with guidance 5, a
     # distilled student its own K steps without guidance (its guidance is baked in).
     student = meta.get("student")
@@ -282,7 +289,7 @@ def run_sample(cfg: DictConfig) -> None:
     nfe = int(steps) * (2 if guidance.active else 1)
     info = {
         "prompt": str(cfg.prompt), "seed": int(cfg.seed), "steps": int(steps), "sampler": "student" if student else "euler", "cfg_video": guidance.video,
-        "cfg_audio": guidance.audio, "network_evaluations": nfe, "seconds": round(seconds, 3), "device": device,
+        "cfg_audio": guidance.audio, "network_evaluations": nfe, "float8": float8, "seconds": round(seconds, 3), "device": device,
         "ckpt": str(cfg.ckpt), "ckpt_step": step, "fps": spec.fps, "frames": spec.frames, "sample_rate": spec.sample_rate,
     }
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))

@@ -32,6 +32,10 @@ WHEELS = ROOT / ".whl"
 TARGET = {"python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
           "platform_python_implementation": "CPython", "sys_platform": "linux", "platform_system": "Linux",
           "platform_machine": "x86_64", "os_name": "posix", "extra": ""}
+# Carried as their pure-Python wheel: torchao's float8 training (train/float8.py) is PyTorch code;
+# its compiled kernels (8 MiB more in the manylinux wheel) serve other features, and the carried
+# tree must stay under the device's 64 MiB.
+PURE_PYTHON = {"torchao"}
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 
@@ -62,12 +66,14 @@ def wheel_requirements(wheel: Path) -> list[Requirement]:
 
 
 def fetch(name: str, version: str, wheels_dir: Path) -> None:
-    """One wheel for CPython 3.12 on manylinux x86-64; built here when only a source archive exists."""
+    """One wheel for CPython 3.12 on manylinux x86-64 (PURE_PYTHON: the pure-Python one); built here when
+    only a source archive exists."""
     pip = [sys.executable, "-m", "pip"]
     spec = f"{name}=={version}"
-    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    pure = canonicalize_name(name) in PURE_PYTHON
+    platforms = ["--platform", "any"] if pure else [a for p in PLATFORMS for a in ("--platform", p)]
     got = subprocess.run([*pip, "download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
-                          "--implementation", "cp", *platforms, "-d", str(wheels_dir), spec])
+                          "--implementation", "py" if pure else "cp", *platforms, "-d", str(wheels_dir), spec])
     if got.returncode != 0:
         print(f"{spec}: no wheel for the machine on the index; building one here")
         subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels_dir), spec], check=True)
