@@ -63,9 +63,10 @@ def is_converted_layer(module: nn.Module, fqn: str) -> bool:
     )
 
 
-def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> str:
+def apply_float8(model: nn.Module, recipe: str, device: torch.device, pad_inner_dim: bool | None = None) -> str:
     """Swap the block projections of `model` for torchao Float8Linear in place. Returns what was
-    converted, for the log. recipe "none" leaves the model as it is."""
+    converted, for the log. recipe "none" leaves the model as it is. pad_inner_dim: None, on a GPU
+    only (below); tests set it to trace the GPU's path on CPU."""
     check_float8(recipe, device)
     if recipe == "none":
         return "float8: none"
@@ -75,7 +76,8 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device) -> str:
     # the weight gradient that is the token count (a trimmed caption, 108 audio latents for 5 s):
     # pad it with zeros. The CPU kernel has no such rule, and inductor's CPU code generation cannot
     # compile the padding of float8 tensors (PyTorch 2.11: no blendv for Float8_e5m2).
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=device.type == "cuda")
+    pad = device.type == "cuda" if pad_inner_dim is None else pad_inner_dim
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=pad)
     names = [n for n, m in model.named_modules() if is_converted_layer(m, n)]
     convert_to_float8_training(model, config=config, module_filter_fn=is_converted_layer)
     return f"float8 ({recipe}): {len(names)} block projections"

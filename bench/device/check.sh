@@ -2,7 +2,7 @@
 # The GPU checks of issues 6 and 7, sized to a session's 15 minutes of device time (machine start
 # included): two device calls, the most wanted numbers first.
 #
-#   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~60 MiB)
+#   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~61 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
 #   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 580
 #   call 2:      bash bench/device/check.sh presets zero2|zero3  # carry [".whl"], timeout_s 450, or what is left
