@@ -129,8 +129,7 @@ def test_float8_blocks_train_under_zero3(shards, tmp_path):  # noqa: F811
     assert "float8 (tensorwise): 40 block projections" in log  # 1 + 2 + 1 layers: (4 + 1 + 1 + 4 weight sets) x 4
     a = losses(run)
     assert sorted(a) == [0, 1, 2] and all(0 < v < 10 for v in a.values()), a
-    model, *_ = load_generator(run / "export" / "model.safetensors")
-    assert not any(type(m).__name__ == "Float8Linear" for m in model.modules())
+    load_generator(run / "export" / "model.safetensors")  # strict: a missing or renamed weight is an error
 
 
 def test_compiled_zero3_turns_off_deepspeeds_linear_replacement():
