@@ -4,6 +4,7 @@ checkpoint, and the restarted run resumes at the right step with the losses of a
 run, in the same W&B run."""
 
 import csv
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,3 +99,74 @@ def test_kill_9_loses_only_the_steps_since_the_last_checkpoint(shards, straight,
     a = losses(straight)
     for step, value in restarted.items():
         assert value == pytest.approx(a[step], rel=1e-5, abs=1e-6), step  # ...to the same losses
+
+
+def _tree(path: Path) -> dict[str, str]:
+    return {str(f.relative_to(path)): f.read_text() for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def _write(files: dict[str, str], fail_after: int | None = None):
+    """A checkpoint writer: the files, in order; with fail_after, killed after that many."""
+    def write(path: Path):
+        path.mkdir(parents=True)
+        for i, (name, text) in enumerate(files.items()):
+            if fail_after is not None and i == fail_after:
+                raise KeyboardInterrupt("killed mid-save")
+            (path / name).write_text(text)
+    return write
+
+
+def test_directory_checkpoints_are_replaced_whole_or_not_at_all(tmp_path):
+    """DeepSpeed checkpoints (directories every rank writes into; last.ckpt is re-saved in place)
+    go through replace_directory_atomically: a save killed midway leaves the previous checkpoint
+    as it was and resume=auto ignores the leftovers; the next save clears them."""
+    from train.stages import resolve_resume
+    from train.strategy import replace_directory_atomically
+
+    ckpts = tmp_path / "checkpoints"
+    last, periodic = ckpts / "last.ckpt", ckpts / "step=2.ckpt"
+    one_rank = dict(barrier=lambda: None, is_rank_zero=True)
+    replace_directory_atomically(periodic, _write({"model.pt": "step 2"}), **one_rank)
+    time.sleep(0.01)
+    replace_directory_atomically(last, _write({"model.pt": "step 2", "optim.pt": "step 2"}), **one_rank)
+    assert _tree(last) == {"model.pt": "step 2", "optim.pt": "step 2"}
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=2.ckpt"]
+
+    with pytest.raises(KeyboardInterrupt):  # killed after writing one of two files
+        replace_directory_atomically(last, _write({"model.pt": "step 4", "optim.pt": "step 4"}, fail_after=1), **one_rank)
+    assert _tree(last) == {"model.pt": "step 2", "optim.pt": "step 2"}  # untouched, not half new
+    assert (ckpts / "last.ckpt.partial").is_dir()
+    assert resolve_resume("auto", tmp_path) == str(last)  # the leftover is not a checkpoint
+
+    replace_directory_atomically(last, _write({"model.pt": "step 6", "optim.pt": "step 6"}), **one_rank)
+    assert _tree(last) == {"model.pt": "step 6", "optim.pt": "step 6"}
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "step=2.ckpt"]  # leftovers cleared
+
+    # killed between the two renames: no last.ckpt, and resume=auto takes the newest whole one
+    last.rename(ckpts / "last.ckpt.old")
+    assert resolve_resume("auto", tmp_path) == str(periodic)
+    # a single-file checkpoint of another strategy at the same name is replaced too
+    for leftover in ckpts.glob("last.ckpt*"):
+        shutil.rmtree(leftover)
+    last.write_text("a Lightning file checkpoint")
+    replace_directory_atomically(last, _write({"model.pt": "step 8"}), **one_rank)
+    assert _tree(last) == {"model.pt": "step 8"}
+
+
+def test_an_export_killed_midway_leaves_the_previous_one(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    import train.checkpoint as checkpoint
+
+    path = tmp_path / "export" / "model.safetensors"
+    checkpoint.export_safetensors(path, {"w": torch.ones(3)}, {}, 10, "ema")
+
+    def torn(tensors, filename, metadata):  # half a file, then the kill
+        Path(filename).write_bytes(b"\x00" * 7)
+        raise KeyboardInterrupt("killed mid-export")
+
+    monkeypatch.setattr(checkpoint, "save_file", torn)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.export_safetensors(path, {"w": torch.zeros(3)}, {}, 20, "ema")
+    with safe_open(str(path), "pt") as f:  # the step-10 export, whole
+        assert f.metadata()["step"] == "10" and torch.equal(f.get_tensor("w"), torch.ones(3))

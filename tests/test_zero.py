@@ -62,6 +62,8 @@ def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, t
         assert held == whole
     last = straight / "checkpoints" / "last.ckpt"
     assert last.is_dir()  # DeepSpeed checkpoints are directories of shards
+    # written into <name>.partial by both ranks, then renamed into place (train/strategy.py): nothing left over
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"]
     names = {p.name for p in (last / "checkpoint").iterdir()}
     if stage == "zero3":  # every rank writes its own parameter/optimizer partition
         assert {f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)} <= names

@@ -46,7 +46,11 @@ def export_safetensors(path, weights: dict[str, torch.Tensor], meta: dict, step:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {clean_name(k): v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    save_file(tensors, str(path), metadata={"avgen": json.dumps(meta), "step": str(step), "weights": source})
+    # Through a temporary file: a run killed while writing 30 GB leaves the previous export (or
+    # none), not a torn file that a later `sample` or `distill` would fail on.
+    partial = path.with_name(path.name + ".partial")
+    save_file(tensors, str(partial), metadata={"avgen": json.dumps(meta), "step": str(step), "weights": source})
+    partial.replace(path)
     return path
 
 

@@ -9,9 +9,11 @@ visible). Allowing it is what lets the ZeRO code paths (partitioned optimizer st
 and, for stage 3, parameters; their checkpoints) run in CI on a machine without a GPU.
 """
 
+import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.seed import reset_seed
@@ -56,6 +58,20 @@ class ZeroStrategy(DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A DeepSpeed checkpoint is a directory that every rank writes its part of, and re-saving
+        last.ckpt overwrites its files in place: a run killed mid-save (kill -9, a node lost, the
+        scheduler's hard kill after the preemption grace) would leave a torn or half-new newest
+        checkpoint, which resume=auto picks and cannot load (or loads mixed). So it is written
+        whole or not at all (replace_directory_atomically); Lightning's single-file checkpoints
+        already are (an fsspec transaction: a temporary file, then a rename)."""
+        filepath = Path(self.broadcast(str(filepath)))
+        replace_directory_atomically(filepath, lambda path: self._write_checkpoint(checkpoint, path, storage_options),
+                                     self.barrier, self.is_global_zero)
+
+    def _write_checkpoint(self, checkpoint: dict, path: Path, storage_options=None) -> None:
+        DeepSpeedStrategy.save_checkpoint(self, checkpoint, str(path), storage_options)
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None, config=None):
         """deepspeed.initialize, as Lightning calls it, with a device rank on CPU too: DeepSpeed
@@ -148,14 +164,13 @@ class PerNetworkZeroStrategy(ZeroStrategy):
         self.step_network(self._name_of_optimizer[id(optimizer)])
 
     # ---- checkpoints: one DeepSpeed checkpoint per trained network ----------------------------
-    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+    def _write_checkpoint(self, checkpoint: dict, path: Path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("storage_options is not supported with DeepSpeed checkpoints")
-        filepath = self.broadcast(filepath)
         client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         for i, (name, engine) in enumerate(self.engines.items()):
             # Lightning's state (step, loops, callbacks, the module's own) rides with the first.
-            engine.save_checkpoint(filepath, tag=name, client_state=client_state if i == 0 else {}, save_latest=False)
+            engine.save_checkpoint(str(path), tag=name, client_state=client_state if i == 0 else {}, save_latest=False)
 
     def load_checkpoint(self, checkpoint_path, weights_only=None) -> dict:
         from lightning.pytorch.trainer.states import TrainerFn
@@ -169,6 +184,36 @@ class PerNetworkZeroStrategy(ZeroStrategy):
                                   "was it written by this stage with strategy=zero2/zero3?")
             client_states.append(state)
         return client_states[0]  # Lightning's state: saved with the first engine
+
+
+def replace_directory_atomically(path: Path, write, barrier, is_rank_zero: bool) -> None:
+    """Write the directory `path` whole or not at all, from every rank of a process group:
+    `write(tmp)` runs on every rank into `<path>.partial`; once all have written (barrier), rank 0
+    moves the old `path` aside to `<path>.old`, renames the new one into place and removes the
+    old. A run killed at any point leaves `path` either as it was or as it is meant to be (or,
+    between the two renames, absent: resume=auto, which reads only `*.ckpt`, then takes the
+    newest other checkpoint). Leftovers of an interrupted save are removed by the next one."""
+    partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+    if is_rank_zero:
+        _remove(partial)
+        _remove(old)
+    barrier()
+    write(partial)
+    barrier()  # every rank's part is on disk
+    if is_rank_zero:
+        if path.exists():
+            path.rename(old)
+        partial.rename(path)
+        _remove(old)
+    barrier()
+
+
+def _remove(path: Path) -> None:
+    """A directory with what is in it, or a file (a single-file checkpoint of an earlier strategy)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 @dataclass
