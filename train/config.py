@@ -113,6 +113,9 @@ class RunConfig:
     # (one recompile, at the first batch whose length differs). Right-padded models ignore it.
     trim_text: bool = True
     checkpoint_every_n_steps: int = 100
+    # Periodic checkpoints kept: the newest N (and last.ckpt); 0 keeps them all. A 15B ZeRO
+    # checkpoint with optimizer states and EMA is about 270 GB.
+    keep_checkpoints: int = 0
     resume: str | None = None  # a .ckpt path, "auto" (last checkpoint in run_dir if any) or None
     export: bool = True  # write export/model.safetensors (EMA weights) at the end
     # Peak FLOP/s of one device for perf/mfu; null: Lightning's table for the GPU and precision
@@ -122,6 +125,7 @@ class RunConfig:
     def __post_init__(self):
         _require(0 <= self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in [0, 1)")
         _require(self.checkpoint_every_n_steps >= 1, "checkpoint_every_n_steps", self.checkpoint_every_n_steps, "must be >= 1")
+        _require(self.keep_checkpoints >= 0, "keep_checkpoints", self.keep_checkpoints, "must be >= 0 (0 keeps every checkpoint)")
         ac = {"true": "full", "false": "none"}.get(str(self.activation_checkpointing).lower(), self.activation_checkpointing)
         _require(ac in AC_MODES, "activation_checkpointing", self.activation_checkpointing, f"choose from {', '.join(AC_MODES)}")
         self.activation_checkpointing = ac

@@ -192,7 +192,9 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     callbacks = [
         # First: a logging step's clock stops before the samples/checkpoints below run.
         ThroughputCallback(run.peak_flops),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps, save_last=True, save_top_k=-1),
+        # keep_checkpoints: the newest N periodic checkpoints ("top k" by step), also across restarts
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps, save_last=True,
+                        save_top_k=run.keep_checkpoints or -1, monitor="step" if run.keep_checkpoints else None, mode="max"),
         SampleCallback(sample, run_dir / "samples"),
         RNGStateCallback(),
         PreemptionCallback(run_dir / "checkpoints" / "last.ckpt", marker=run_dir / "preempted"),
