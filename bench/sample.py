@@ -25,6 +25,7 @@ keeps the clips it finished: order --clips by priority).
 """
 
 import argparse
+import gc
 import math
 import statistics
 import sys
@@ -148,7 +149,11 @@ def main(argv=None) -> dict:
                 rows.append(time_clip(models, full_args, clip, args, device) | {"float8": float8})
                 print(rows[-1], file=sys.stderr)
                 write(result, args.out, stem, table(rows, title))
-        del models  # the next recipe's models are built in this memory
+        # The next recipe's models are built in this memory: the compiled forwards (a cycle through
+        # each block) and dynamo's caches hold these ones until both are cleared.
+        del models
+        torch._dynamo.reset()
+        gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result

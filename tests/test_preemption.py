@@ -121,7 +121,7 @@ def test_directory_checkpoints_are_replaced_whole_or_not_at_all(tmp_path):
     go through replace_directory_atomically: a save killed midway leaves the previous checkpoint
     as it was and resume=auto ignores the leftovers; the next save clears them."""
     from train.stages import resolve_resume
-    from train.strategy import replace_directory_atomically
+    from train.checkpoint import replace_directory_atomically
 
     ckpts = tmp_path / "checkpoints"
     last, periodic = ckpts / "last.ckpt", ckpts / "step=2.ckpt"
@@ -170,3 +170,18 @@ def test_an_export_killed_midway_leaves_the_previous_one(tmp_path, monkeypatch):
         checkpoint.export_safetensors(path, {"w": torch.zeros(3)}, {}, 20, "ema")
     with safe_open(str(path), "pt") as f:  # the step-10 export, whole
         assert f.metadata()["step"] == "10" and torch.equal(f.get_tensor("w"), torch.ones(3))
+
+
+def test_pruning_keeps_the_newest_periodic_checkpoints_by_step(tmp_path):
+    from train.checkpoint import prune_checkpoints
+
+    for name in ("epoch=0-step=2.ckpt", "epoch=0-step=10.ckpt", "last.ckpt.partial"):  # ZeRO: directories
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").write_text(name)
+    for name in ("epoch=0-step=4.ckpt", "last.ckpt", "epoch=0-step=1.ckpt.deleting", "notes.txt"):
+        (tmp_path / name).write_text(name)
+    assert prune_checkpoints(tmp_path, 0) == []  # 0 keeps all
+    removed = prune_checkpoints(tmp_path, 2)
+    assert [p.name for p in removed] == ["epoch=0-step=2.ckpt"]  # by step: 10 is newer than 2 and 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "epoch=0-step=10.ckpt", "epoch=0-step=4.ckpt", "last.ckpt", "last.ckpt.partial", "notes.txt"]  # the .deleting leftover gone

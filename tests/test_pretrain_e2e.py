@@ -102,9 +102,10 @@ def test_pretrain_end_to_end_then_resume_exactly(shards, tmp_path):
 
     # interrupted at step 2, resumed to 4 in the same run directory
     resumed = tmp_path / "resumed"
-    pretrain(resumed, shards, 2, "keep_checkpoints=1")
+    pretrain(resumed, shards, 2)
     pretrain(resumed, shards, 4, "keep_checkpoints=1")
-    # the newest periodic checkpoint only: step 2's, written before the restart, removed after it
+    # the newest periodic checkpoint only: step 2's, written before the restart and before
+    # keep_checkpoints was set, removed after it; last.ckpt re-saved under its own name
     assert sorted(p.name for p in (resumed / "checkpoints").iterdir()) == ["epoch=0-step=4.ckpt", "last.ckpt"]
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == [0, 1, 2, 3] and sorted(b) == [0, 1, 2, 3]

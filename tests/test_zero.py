@@ -118,15 +118,15 @@ def test_compiled_blocks_under_zero3_train_as_eager(shards, tmp_path):  # noqa: 
 
 
 def test_float8_blocks_train_under_zero3(shards, tmp_path):  # noqa: F811
-    """FP8 block matmuls (train/float8.py) under ZeRO-3 (weights built partitioned) with full
-    activation checkpointing, as the H100 presets run (they also compile: on CPU that takes two
-    minutes, so the compiled FP8 blocks are tested without ZeRO in tests/test_float8.py). It
-    trains, and its export loads into the plain model: the swap kept every weight and name."""
+    """FP8 block matmuls (train/float8.py) under ZeRO-3 in two ranks (weights built partitioned
+    across them) with full activation checkpointing, as the H100 presets run (they also compile:
+    on CPU that takes two minutes, so the compiled FP8 blocks are tested without ZeRO in
+    tests/test_float8.py). It trains, and its export loads into the plain model: the swap kept
+    every weight and name."""
     from train.checkpoint import load_generator
 
     run = tmp_path / "fp8"
-    out = pretrain(run, shards, 3, "strategy=zero3", "activation_checkpointing=full", "float8=tensorwise",
-                   "trainer.accelerator=cpu", "trainer.devices=1")
+    out = pretrain(run, shards, 3, "strategy=zero3", "activation_checkpointing=full", "float8=tensorwise", *TWO_CPU_RANKS)
     log = out.stdout + out.stderr
     assert "float8 (tensorwise): 40 block projections" in log  # 1 + 2 + 1 layers: (4 + 1 + 1 + 4 weight sets) x 4
     a = losses(run)

@@ -10,9 +10,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from train.checkpoint import export_safetensors
+from train.checkpoint import export_safetensors, prune_checkpoints
 from train.config import SampleConfig
 from train.distributed import gather_per_rank, own_entry
 from train.media import write_av_mp4
@@ -65,6 +66,23 @@ def write_samples(
     finally:
         model.train(was_training)
     return paths
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint as the stages use it: a checkpoint every `every_n_steps` and
+    last.ckpt, keeping the newest `keep` periodic ones (0: all). Kept by what is on disk
+    (train/checkpoint.prune_checkpoints), not by Lightning's top-k state, whose key in a
+    checkpoint changes with its monitor settings: checkpoints of an earlier start of the run, or
+    written under another keep_checkpoints, are pruned too."""
+
+    def __init__(self, dirpath: Path, every_n_steps: int, keep: int):
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_steps, save_last=True, save_top_k=-1)
+        self.keep = keep
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)  # every rank; whole once it returns (train/strategy.py)
+        if self.keep and trainer.is_global_zero:
+            prune_checkpoints(Path(self.dirpath), self.keep)
 
 
 class SampleCallback(L.Callback):

@@ -1,8 +1,11 @@
 """Consolidated weights: export to safetensors, and load a generator from an export or a
 Lightning checkpoint (EMA weights when present). The model/codec/data description travels in the
-file, so `sample` and `distill` rebuild exactly the network that was trained."""
+file, so `sample` and `distill` rebuild exactly the network that was trained. Also the on-disk
+life of training checkpoints: written whole or not at all, the newest kept, the newest found."""
 
 import json
+import re
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -40,6 +43,62 @@ def model_args(meta: dict) -> ModelArgs:
     """The ModelArgs a checkpoint's model was trained with. Files written before
     ModelArgs.text_padding existed padded captions on the right."""
     return ModelArgs(**{"text_padding": "right", **meta["model"]})
+
+
+def written_at(checkpoint: Path) -> float:
+    """When a checkpoint was last written: a file's mtime, or the newest file in a ZeRO checkpoint
+    directory (re-saving last.ckpt overwrites files in it and leaves the directory's own mtime)."""
+    if checkpoint.is_dir():
+        return max((f.stat().st_mtime for f in checkpoint.rglob("*") if f.is_file()), default=checkpoint.stat().st_mtime)
+    return checkpoint.stat().st_mtime
+
+
+def replace_directory_atomically(path: Path, write, barrier, is_rank_zero: bool) -> None:
+    """Write the directory `path` whole or not at all, from every rank of a process group:
+    `write(tmp)` runs on every rank into `<path>.partial`; once all have written (barrier), rank 0
+    moves the old `path` aside to `<path>.old`, renames the new one into place and removes the
+    old. A run killed at any point leaves `path` either as it was or as it is meant to be (or,
+    between the two renames, absent: resume=auto, which reads only `*.ckpt`, then takes the
+    newest other checkpoint). Leftovers of an interrupted save are removed by the next one."""
+    partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+    if is_rank_zero:
+        remove_path(partial)
+        remove_path(old)
+    barrier()
+    write(partial)
+    barrier()  # every rank's part is on disk
+    if is_rank_zero:
+        if path.exists():
+            path.rename(old)
+        partial.rename(path)
+        remove_path(old)
+    barrier()
+
+
+def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
+    """Remove all but the newest `keep` periodic checkpoints (`*step=N*.ckpt`, not last.ckpt) in
+    `directory`, judged by step and then by write time, so a run that was resumed, or
+    whose keep_checkpoints changed, is pruned by what is on disk. Each is renamed out of the
+    `*.ckpt` names before it is deleted: a kill mid-delete leaves a `.deleting` leftover that
+    resume=auto never reads and the next call removes. Returns what was removed."""
+    for leftover in directory.glob("*.ckpt.deleting"):
+        remove_path(leftover)
+    steps = {p: int(m[1]) for p in directory.glob("*.ckpt") if (m := re.search(r"step=(\d+)", p.name))}
+    periodic = sorted(steps, key=lambda p: (steps[p], written_at(p)))
+    removed = periodic[:-keep] if keep else []
+    for old in removed:
+        doomed = old.with_name(old.name + ".deleting")
+        old.rename(doomed)
+        remove_path(doomed)
+    return removed
+
+
+def remove_path(path: Path) -> None:
+    """A directory with what is in it, or a file (a single-file checkpoint of another strategy)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def export_safetensors(path, weights: dict[str, torch.Tensor], meta: dict, step: int, source: str) -> Path:

@@ -71,6 +71,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
         return None
     # A checkpoint is a file, or a directory of shards under the ZeRO strategy.
     if resume == "auto":
+        from train.checkpoint import written_at
+
         # The newest checkpoint: normally last.ckpt, but a run killed between writing a periodic
         # checkpoint and last.ckpt has the periodic one newer (or alone).
         found = sorted((run_dir / "checkpoints").glob("*.ckpt"), key=written_at)
@@ -78,14 +80,6 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     if not Path(resume).exists():
         raise ConfigError(f"resume={resume!r}: no such checkpoint; pass a .ckpt path, 'auto' or null")
     return resume
-
-
-def written_at(checkpoint: Path) -> float:
-    """When a checkpoint was last written: a file's mtime, or the newest file in a ZeRO checkpoint
-    directory (re-saving last.ckpt overwrites files in it and leaves the directory's own mtime)."""
-    if checkpoint.is_dir():
-        return max((f.stat().st_mtime for f in checkpoint.rglob("*") if f.is_file()), default=checkpoint.stat().st_mtime)
-    return checkpoint.stat().st_mtime
 
 
 def run_config(cfg: DictConfig, run_dir: Path) -> RunConfig:
@@ -174,10 +168,9 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     samples, RNG state, the export at the end; resume from run.resume. per_network: the module
     trains several networks (build_strategy: one DeepSpeed engine each under ZeRO)."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from train.callbacks import ExportCallback, RNGStateCallback, SampleCallback
+    from train.callbacks import ExportCallback, PeriodicCheckpoint, RNGStateCallback, SampleCallback
     from train.cluster import world_size
     from train.datamodule import AVDataModule
     from train.parallelize import attention_backends
@@ -192,9 +185,7 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     callbacks = [
         # First: a logging step's clock stops before the samples/checkpoints below run.
         ThroughputCallback(run.peak_flops),
-        # keep_checkpoints: the newest N periodic checkpoints ("top k" by step), also across restarts
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", every_n_train_steps=run.checkpoint_every_n_steps, save_last=True,
-                        save_top_k=run.keep_checkpoints or -1, monitor="step" if run.keep_checkpoints else None, mode="max"),
+        PeriodicCheckpoint(run_dir / "checkpoints", run.checkpoint_every_n_steps, run.keep_checkpoints),
         SampleCallback(sample, run_dir / "samples"),
         RNGStateCallback(),
         PreemptionCallback(run_dir / "checkpoints" / "last.ckpt", marker=run_dir / "preempted"),

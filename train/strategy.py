@@ -9,7 +9,6 @@ visible). Allowing it is what lets the ZeRO code paths (partitioned optimizer st
 and, for stage 3, parameters; their checkpoints) run in CI on a machine without a GPU.
 """
 
-import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
 
+from train.checkpoint import replace_directory_atomically
 from train.config import ConfigError, _require
 
 
@@ -184,36 +184,6 @@ class PerNetworkZeroStrategy(ZeroStrategy):
                                   "was it written by this stage with strategy=zero2/zero3?")
             client_states.append(state)
         return client_states[0]  # Lightning's state: saved with the first engine
-
-
-def replace_directory_atomically(path: Path, write, barrier, is_rank_zero: bool) -> None:
-    """Write the directory `path` whole or not at all, from every rank of a process group:
-    `write(tmp)` runs on every rank into `<path>.partial`; once all have written (barrier), rank 0
-    moves the old `path` aside to `<path>.old`, renames the new one into place and removes the
-    old. A run killed at any point leaves `path` either as it was or as it is meant to be (or,
-    between the two renames, absent: resume=auto, which reads only `*.ckpt`, then takes the
-    newest other checkpoint). Leftovers of an interrupted save are removed by the next one."""
-    partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
-    if is_rank_zero:
-        _remove(partial)
-        _remove(old)
-    barrier()
-    write(partial)
-    barrier()  # every rank's part is on disk
-    if is_rank_zero:
-        if path.exists():
-            path.rename(old)
-        partial.rename(path)
-        _remove(old)
-    barrier()
-
-
-def _remove(path: Path) -> None:
-    """A directory with what is in it, or a file (a single-file checkpoint of an earlier strategy)."""
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
 
 
 @dataclass

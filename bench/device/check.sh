@@ -5,7 +5,7 @@
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~61 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
 #   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 580
-#   call 2:      bash bench/device/check.sh presets zero2|zero3  # carry [".whl"], timeout_s 450, or what is left
+#   call 2:      bash bench/device/check.sh presets zero2|zero3  # carry [".whl"], timeout_s: what is left (up to 450)
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date, device and lease)
 # Measured so far (bench/results/): *_h200_2026-11-26.* (lease 1: perf with the key mask, presets
 # zero3) and *_h200_2026-11-26_lease2.* (perf: trimmed text, compiled sampling; presets zero2).
@@ -15,7 +15,10 @@
 # still open: the 16K step of trimmed captions at lengths already seen (varied) against one static
 # shape (full); the FP8 block matmuls (train/float8.py, torchao) in the 16K step and in 8-step
 # 1080p sampling; bf16 sampling only on an H100 (measured on the H200 in lease 2); the 32K proxy
-# with selective recompute (71 GiB on the H200: does it fit an H100?) waits for a later lease. Send
+# with selective recompute (71 GiB on the H200: does it fit an H100?) waits for a later lease.
+# Call 1's steps add up to 540 s at their limits, about 420 s expected (lease 2's step times):
+# with a start of 30-90 s, call 2 then has 250-450 s, enough for the pretraining preset (200 s)
+# and part of the distillation one; perf comes first because issue 7 needs it more. Send
 # call 2 at once (the machine stays warm 30 s), after reading `status`, with what is left. If
 # call 1 fails early, mend it here and rerun it instead of call 2. Each step has its own limit and
 # the benches rewrite their result after each case, so a step stopped at its limit keeps the
