@@ -57,6 +57,13 @@ def test_wrong_type_and_range_name_the_option(tmp_path):
     assert "optimizer.lr=-1" in out.stderr and "must be > 0" in out.stderr
 
 
+def test_float8_the_device_cannot_run_is_refused_before_start(tmp_path):
+    out = run("pretrain", f"hydra.run.dir={tmp_path}", "float8=rowwise", "trainer.accelerator=cpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "float8=rowwise: on CPU only float8=tensorwise" in out.stderr
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / "checkpoints").exists()  # no logger, no trainer yet
+
+
 def compose_cfg(stage, overrides=()):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=stage, overrides=list(overrides))

@@ -33,23 +33,26 @@ CONVERTED_LAYERS = ("qkv", "out", "w_gate_up", "w_down")
 
 
 def check_float8(recipe: str, device: torch.device) -> None:
-    """Refuse a recipe the device cannot run, before any module is changed."""
+    """Refuse a recipe the device cannot run, before any module is changed (ConfigError: one line
+    from the command line; the stages call it before they start)."""
+    from train.config import ConfigError  # not at the top: train.config imports this module
+
     if recipe not in FLOAT8_RECIPES:
-        raise ValueError(f"float8={recipe!r}: choose from {', '.join(FLOAT8_RECIPES)}")
+        raise ConfigError(f"float8={recipe!r}: choose from {', '.join(FLOAT8_RECIPES)}")
     if recipe == "none":
         return
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < (8, 9):
-            raise ValueError(
+            raise ConfigError(
                 f"float8={recipe}: {torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) "
                 "has no FP8 tensor cores (8.9 and up: Ada, Hopper); use float8=none"
             )
     elif device.type == "cpu":
         if recipe != "tensorwise":
-            raise ValueError(f"float8={recipe}: on CPU only float8=tensorwise runs (one scale per tensor); use it, or none")
+            raise ConfigError(f"float8={recipe}: on CPU only float8=tensorwise runs (one scale per tensor); use it, or none")
     else:
-        raise ValueError(f"float8={recipe}: runs on CUDA GPUs (and, for tests, tensorwise on CPU), not on {device.type}")
+        raise ConfigError(f"float8={recipe}: runs on CUDA GPUs (and, for tests, tensorwise on CPU), not on {device.type}")
 
 
 def is_converted_layer(module: nn.Module, fqn: str) -> bool:

@@ -83,8 +83,16 @@ def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
 
 
 def run_config(cfg: DictConfig, run_dir: Path) -> RunConfig:
+    from train.float8 import check_float8
+
     run_fields = {f.name for f in fields(RunConfig)} - {"run_dir"}
-    return to_object(RunConfig, OmegaConf.create({"run_dir": str(run_dir), **{k: cfg[k] for k in run_fields if k in cfg}}), "run")
+    run = to_object(RunConfig, OmegaConf.create({"run_dir": str(run_dir), **{k: cfg[k] for k in run_fields if k in cfg}}), "run")
+    # float8 against the device the run will train on, before any data, model or process group
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if not on_gpu or torch.cuda.is_available():  # a GPU asked for and absent: Lightning says so
+        check_float8(run.float8, torch.device("cuda" if on_gpu else "cpu"))
+    return run
 
 
 def prepare_data(cfg: DictConfig):
@@ -250,10 +258,7 @@ def run_sample(cfg: DictConfig) -> None:
     model, codec, meta, step = load_generator(cfg.ckpt, device, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     float8 = str(cfg.get("float8", "none"))
     if float8 != "none":
-        try:
-            apply_float8(model, float8, torch.device(device))
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        apply_float8(model, float8, torch.device(device))
     # Defaults come from the checkpoint: a teacher samples 50 Euler steps with guidance 5, a
     # distilled student its own K steps without guidance (its guidance is baked in).
     student = meta.get("student")
