@@ -74,6 +74,7 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device, pad_inner_
     if recipe == "none":
         return "float8: none"
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    from torchao.float8.float8_linear import Float8Linear
 
     # pad_inner_dim: on a GPU _scaled_mm needs the inner dimension to be a multiple of 16, and in
     # the weight gradient that is the token count (a trimmed caption, 108 audio latents for 5 s):
@@ -81,6 +82,5 @@ def apply_float8(model: nn.Module, recipe: str, device: torch.device, pad_inner_
     # compile the padding of float8 tensors (PyTorch 2.11: no blendv for Float8_e5m2).
     pad = device.type == "cuda" if pad_inner_dim is None else pad_inner_dim
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), pad_inner_dim=pad)
-    names = [n for n, m in model.named_modules() if is_converted_layer(m, n)]
     convert_to_float8_training(model, config=config, module_filter_fn=is_converted_layer)
-    return f"float8 ({recipe}): {len(names)} block projections"
+    return f"float8 ({recipe}): {sum(isinstance(m, Float8Linear) for m in model.modules())} block projections"
