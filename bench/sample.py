@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
                                                    "audio_latent_hz": AUDIO_LATENT_HZ, "text_tokens": TEXT_TOKENS},
               "results": []}
     rows, stem = result["results"], f"sample_{slug(device)}_{result['date']}{args.tag}"
-    title = f"{args.preset}, {n_layers} layers ({how}), bf16, compile={args.compile}"
+    title = f"{args.preset}, {n_layers} layers ({how}), bf16 activations (block matmuls: the float8 column), compile={args.compile}"
     for float8 in args.float8:
         torch._dynamo.reset()  # each recipe's blocks compile their own graphs (dynamo caches per code object)
         if args.full:

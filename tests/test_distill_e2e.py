@@ -111,14 +111,24 @@ def test_distill_refuses_a_teacher_of_another_config(shards, teacher, tmp_path):
     assert res.returncode == 2 and "teacher=" in res.stderr and "no such file" in res.stderr
 
 
-def test_distill_two_processes_ddp_resumes_exactly(shards, teacher, tmp_path):  # noqa: F811
+TWO_RANKS = ("trainer.accelerator=cpu", "trainer.devices=2", "logger.mode=disabled", "activation_checkpointing=full")
+
+
+@pytest.fixture(scope="module")
+def ddp_straight(shards, teacher, tmp_path_factory):  # noqa: F811
+    """An uninterrupted 4-step DDP run in 2 CPU ranks: the reference of the DDP resume and of the
+    ZeRO runs (made once for all three tests)."""
+    run_dir = tmp_path_factory.mktemp("ddp_straight")
+    distill(run_dir, shards, teacher, 4, "strategy=ddp", *TWO_RANKS)
+    return run_dir
+
+
+def test_distill_two_processes_ddp_resumes_exactly(shards, teacher, ddp_straight, tmp_path):  # noqa: F811
     """2 CPU ranks (DDP, gloo): each rank reads its own shards, gradients are all-reduced in both
     networks' backward passes, and an interrupted run resumes to the same losses."""
-    ranks = ("trainer.accelerator=cpu", "trainer.devices=2")
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    distill(straight, shards, teacher, 4, *ranks)
-    distill(resumed, shards, teacher, 2, *ranks)
-    distill(resumed, shards, teacher, 4, *ranks)
+    straight, resumed = ddp_straight, tmp_path / "resumed"
+    distill(resumed, shards, teacher, 2, "strategy=ddp", *TWO_RANKS)
+    distill(resumed, shards, teacher, 4, "strategy=ddp", *TWO_RANKS)
     for key in ("distill/critic_loss", "distill/dm_loss", "distill/gan_critic"):
         a, b = metric(straight, key), metric(resumed, key)
         assert sorted(a) == sorted(b) == [0, 1, 2, 3], (key, a, b)
@@ -130,14 +140,14 @@ def test_distill_two_processes_ddp_resumes_exactly(shards, teacher, tmp_path):  
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teacher, tmp_path):  # noqa: F811
+def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teacher, ddp_straight, tmp_path):  # noqa: F811
     """ZeRO with 2 CPU ranks (gloo): student and critic + head each get a DeepSpeed engine and
     optimizer, the teacher is partitioned (ZeRO-3) or whole; every engine is checkpointed (one
     DeepSpeed checkpoint per network), and an interrupted run resumes to the same losses and
     export. The losses match the DDP run's: the same math, only sharded."""
     pytest.importorskip("deepspeed")
-    ranks = ("trainer.accelerator=cpu", "trainer.devices=2", "logger.mode=disabled", "activation_checkpointing=full")
-    straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", tmp_path / "ddp"
+    ranks = TWO_RANKS
+    straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", ddp_straight
     out = distill(straight, shards, teacher, 4, f"strategy={stage}", *ranks)
     if stage == "zero3":  # built partitioned from the teacher file: rank 0 holds half the student
         m = re.search(r"networks built on \S+: student, critic, teacher; the student has ([\d,]+) parameters, ([\d,]+) of them held",
@@ -155,7 +165,6 @@ def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teache
     replicated = ("distill.teacher_partitioned=false",) if stage == "zero3" else ()
     distill(resumed, shards, teacher, 2, f"strategy={stage}", *ranks, *replicated)
     distill(resumed, shards, teacher, 4, f"strategy={stage}", *ranks, *replicated)
-    distill(ddp, shards, teacher, 4, "strategy=ddp", *ranks)
     for key in ("distill/critic_loss", "distill/dm_loss", "distill/gan_critic", "distill/grad_norm/student"):
         a, b, c = metric(straight, key), metric(resumed, key), metric(ddp, key)
         assert sorted(a) == sorted(b) == sorted(c), (key, a, b, c)

@@ -186,3 +186,23 @@ def test_trimmed_captions_give_the_networks_the_same_outputs():
     for got, want in zip(outs[True], outs[False]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert outs[True][-2].abs().max() > 1e-2  # the teacher's guided velocity is not trivially zero
+
+
+def test_clip_folded_into_fused_adamw_trains_as_clipping_the_gradients(monkeypatch):
+    """Both networks' clips go into fused AdamW's steps (train/clipping.py) on a GPU: the same
+    weights as clipping the gradients first with the unfused optimizer, not those without a clip."""
+    import train.distill
+
+    plain_adamw = train.distill.adamw
+
+    def weights_after(fused: bool, clip: float):
+        monkeypatch.setattr(train.distill, "adamw", lambda params, optim, *_, **__: plain_adamw(params, optim, fused))
+        module = make_module(critic_steps_per_generator_step=1, grad_clip=clip)
+        _, trainer = fit(module, 3)
+        assert not any(hasattr(opt, "grad_scale") for opt in trainer.optimizers)  # released after each step
+        return [p.detach().clone() for net in (module.student, module.critic) for p in net.parameters()]
+
+    folded, clipped, unclipped = weights_after(True, 1e-3), weights_after(False, 1e-3), weights_after(True, 0.0)
+    for f, c in zip(folded, clipped):
+        torch.testing.assert_close(f, c, rtol=1e-5, atol=1e-6)
+    assert max((f - u).abs().max().item() for f, u in zip(folded, unclipped)) > 1e-5

@@ -261,3 +261,24 @@ def test_logged_grad_norm_is_the_norm_before_clipping(clip):
     for before, after, logged in norms.rows:
         assert logged == pytest.approx(before, rel=1e-5)
         assert after == pytest.approx(min(before, clip) if clip else before, rel=1e-4)
+
+
+def test_clip_folded_into_fused_adamw_trains_as_clipping_the_gradients(monkeypatch):
+    """On a GPU the optimizer is fused AdamW and the clip goes into its step (train/clipping.py):
+    through Lightning's hooks, the weights after clipped steps are those of clipping the gradients
+    first with the unfused optimizer, and not those of no clipping."""
+    import train.pretrain
+
+    plain_adamw = train.pretrain.adamw
+
+    def weights_after(fused: bool, clip: float):
+        monkeypatch.setattr(train.pretrain, "adamw", lambda params, optim, *_, **__: plain_adamw(params, optim, fused))
+        module = make_module()
+        _, trainer = fit(module, 3, gradient_clip_val=clip)
+        assert not hasattr(trainer.optimizers[0], "grad_scale")  # released after each step
+        return [p.detach().clone() for p in module.model.parameters()]
+
+    folded, clipped, unclipped = weights_after(True, 0.01), weights_after(False, 0.01), weights_after(True, 0.0)
+    for f, c in zip(folded, clipped):
+        torch.testing.assert_close(f, c, rtol=1e-5, atol=1e-6)
+    assert max((f - u).abs().max().item() for f, u in zip(folded, unclipped)) > 1e-4

@@ -47,13 +47,29 @@ def export(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 TWO_CPU_RANKS = ("trainer.accelerator=cpu", "trainer.devices=2")
+# With activation checkpointing, as the H100 presets run (ZeRO-3 once crashed building its wrappers).
+STRAIGHT = ("activation_checkpointing=full", *TWO_CPU_RANKS)
+
+
+@pytest.fixture(scope="module")
+def straight(shards, tmp_path_factory):  # noqa: F811
+    """straight(stage) -> (run_dir, output) of one uninterrupted 4-step two-rank run per ZeRO stage,
+    made at its first use and shared by the resume and the agreement tests."""
+    runs = {}
+
+    def run(stage: str):
+        if stage not in runs:
+            run_dir = tmp_path_factory.mktemp(f"straight_{stage}")
+            runs[stage] = run_dir, pretrain(run_dir, shards, 4, f"strategy={stage}", *STRAIGHT)
+        return runs[stage]
+
+    return run
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, tmp_path):  # noqa: F811
-    straight = tmp_path / "straight"
-    # with activation checkpointing, as the H100 presets run (ZeRO-3 once crashed building its wrappers)
-    whole, held = held_by_rank_zero(pretrain(straight, shards, 4, f"strategy={stage}", "activation_checkpointing=full", *TWO_CPU_RANKS))
+def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, straight, tmp_path):  # noqa: F811
+    straight, out = straight(stage)
+    whole, held = held_by_rank_zero(out)
     # ZeRO-3 builds the model partitioned (deepspeed.zero.Init): rank 0 never holds it whole;
     # only the small parameters kept whole on every rank (param_persistence_threshold) add to half.
     if stage == "zero3":
@@ -75,8 +91,8 @@ def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, t
     assert sorted((straight / "samples").glob("*.mp4"))  # sampling at the end (ZeRO-3: all ranks join)
 
     resumed = tmp_path / "resumed"
-    pretrain(resumed, shards, 2, f"strategy={stage}", "activation_checkpointing=full", *TWO_CPU_RANKS)
-    pretrain(resumed, shards, 4, f"strategy={stage}", "activation_checkpointing=full", *TWO_CPU_RANKS)
+    pretrain(resumed, shards, 2, f"strategy={stage}", *STRAIGHT)
+    pretrain(resumed, shards, 4, f"strategy={stage}", *STRAIGHT)
     a, b = losses(straight), losses(resumed)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     assert a == b, (a, b)  # same data stream and state on both ranks after the restart
@@ -84,14 +100,11 @@ def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_zero2_and_zero3_agree(shards, tmp_path):  # noqa: F811
+def test_zero2_and_zero3_agree(straight):
     """Partitioning changes where things live, not the math: same losses and EMA weights."""
-    runs = {}
-    for stage in ("zero2", "zero3"):
-        runs[stage] = tmp_path / stage
-        pretrain(runs[stage], shards, 3, f"strategy={stage}", *TWO_CPU_RANKS)
+    runs = {stage: straight(stage)[0] for stage in ("zero2", "zero3")}
     a, b = losses(runs["zero2"]), losses(runs["zero3"])
-    assert sorted(a) == sorted(b) == [0, 1, 2]
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5)
     wa, wb = export(runs["zero2"]), export(runs["zero3"])

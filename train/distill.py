@@ -35,6 +35,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from model import AVTransformer
 from train.callbacks import write_samples
+from train.clipping import clip_gradients, release
 from train.codec import PatchCodec
 from train.config import DistillConfig, OptimConfig, RunConfig
 from train.dmd import (
@@ -328,8 +329,9 @@ class DistillModule(L.LightningModule):
                     zero.step_network("student")
                     stats["grad_norm/student"] = zero.grad_norm("student")
                 else:
-                    stats["grad_norm/student"] = self._clip(self.student.parameters())
+                    stats["grad_norm/student"] = self._clip(opt.optimizer, self.student.parameters())
                     opt.optimizer.step()  # the raw optimizer: Lightning counts only the critic's steps
+                    release(opt.optimizer)
                 if self.ema is not None:
                     self.ema.update()
             opt.zero_grad(set_to_none=True)
@@ -358,10 +360,11 @@ class DistillModule(L.LightningModule):
             if finite:
                 self._backward(total, "critic")
                 if zero is None:
-                    stats["grad_norm/critic"] = self._clip(self.critic.parameters())
+                    stats["grad_norm/critic"] = self._clip(opt.optimizer, self.critic.parameters())
             else:
                 opt.zero_grad(set_to_none=True)  # no .grad: the step below changes nothing
             opt.step()  # through Lightning: counts the iteration (under ZeRO: the critic's engine steps)
+            release(opt.optimizer)
             if zero is not None and finite:
                 stats["grad_norm/critic"] = zero.grad_norm("critic")
             opt.zero_grad(set_to_none=True)
@@ -390,10 +393,11 @@ class DistillModule(L.LightningModule):
             )
         return False
 
-    def _clip(self, params) -> torch.Tensor:
-        params = [p for p in params if p.grad is not None]
+    def _clip(self, optimizer, params) -> torch.Tensor:
+        """Clip to distill.grad_clip (0: only measure); with fused AdamW inside the optimizer's next
+        step (train/clipping.py). Returns the norm before clipping."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        return clip_gradients(optimizer, params, max_norm).detach()
 
     def _set_lrs(self, opt_student, opt_critic, step: int):
         """Each network's warm-up/decay runs on its own update count (the student's is 1/n of the

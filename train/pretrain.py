@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from model import AVTransformer, ModelArgs
 from train.callbacks import write_samples
 from train.checkpoint import export_weights, model_args
+from train.clipping import clip_gradients, release
 from train.codec import PatchCodec
 from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
@@ -163,6 +164,8 @@ class PretrainModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
+        for optimizer in self.trainer.optimizers:
+            release(optimizer)  # the clip folded into this step (train/clipping.py)
         # Here, not in on_train_batch_end: callbacks' batch-end hooks (the checkpoint) run before
         # the module's, and a checkpoint must hold the EMA of the weights it holds.
         if self.ema is not None:
@@ -170,11 +173,12 @@ class PretrainModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # Clip here rather than through the precision plugin: Lightning refuses to clip for fused
-        # AdamW under mixed precision (it assumes a grad scaler), and bf16 needs no scaler.
+        # AdamW under mixed precision (it assumes a grad scaler), and bf16 needs no scaler. With
+        # fused AdamW (on a GPU) the clip is applied inside its step (train/clipping.py).
         if gradient_clip_val:
             # The norm before clipping, the one the threshold is compared with; logged from here
             # so the gradients are read once for it, not a second time in on_before_optimizer_step.
-            self.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val))
+            self.log("train/grad_norm", clip_gradients(optimizer, self.model.parameters(), gradient_clip_val))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])

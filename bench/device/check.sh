@@ -5,31 +5,38 @@
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~61 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
 #   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 580
-#   call 2:      bash bench/device/check.sh presets zero2|zero3  # carry [".whl"], timeout_s: what is left (up to 450)
+#   call 2:      bash bench/device/check.sh presets zero2 distill  # carry [".whl"], timeout_s: what is left (up to 450)
+#                (presets zero2|zero3 [both|pretrain|distill]; distill alone starts from a teacher
+#                pretrained for one uncompiled step: its quality does not matter for memory and time)
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date, device and lease)
 # Measured so far (bench/results/): *_h200_2026-11-26.* (lease 1: perf with the key mask, presets
-# zero3) and *_h200_2026-11-26_lease2.* (perf: trimmed text, compiled sampling; presets zero2).
+# zero3), *_h200_2026-11-26_lease2.* (perf: trimmed text, compiled sampling; presets zero2) and
+# *_h200_2026-11-26_lease3* (FP8 tensorwise step and sampling, trimmed text at steady state;
+# ZeRO-2 pretraining for 200 steps).
 #
-# The limits are ceilings. In lease 2 (H200) call 1 took 467 s of 545 with a start of about 30 s,
-# and call 2 340 s (distill stopped at its limit at iteration 20 of 30). perf now runs what is
-# still open: the 16K step of trimmed captions at lengths already seen (varied) against one static
-# shape (full); the FP8 block matmuls (train/float8.py, torchao) in the 16K step and in 8-step
-# 1080p sampling; bf16 sampling only on an H100 (measured on the H200 in lease 2); the 32K proxy
-# with selective recompute (71 GiB on the H200: does it fit an H100?) waits for a later lease.
-# Call 1's steps add up to 540 s at their limits, about 420 s expected (lease 2's step times):
-# with a start of 30-90 s, call 2 then has 250-450 s, enough for the pretraining preset (200 s)
-# and part of the distillation one; perf comes first because issue 7 needs it more. Send
-# call 2 at once (the machine stays warm 30 s), after reading `status`, with what is left. If
-# call 1 fails early, mend it here and rerun it instead of call 2. Each step has its own limit and
-# the benches rewrite their result after each case, so a step stopped at its limit keeps the
-# cases it finished. Every log line carries the time it was written. $OUT comes back with at
-# most 8 files: perf writes 8 (log, reference block, three json + md), presets 5 (6 when .ref is carried).
+# The limits are ceilings. In lease 3 (H200) call 1 took 508 s with a start of about 30 s: two of
+# its train_step invocations ran out of their 170 s limits (each case: ~21 s of imports, then
+# 37-72 s of fit with compilation and 30 s of profiling; rowwise and the static bf16 case were
+# cut), and call 2 had 345 s: pretraining (193 s) and the start of distillation. perf now runs
+# what is still open, as one train_step invocation: the static 16K step in bf16 and with
+# tensorwise FP8 on the same card, with the clip folded into fused AdamW's step since lease 3
+# (warm-up 3: one static shape; FP8_RECIPES="tensorwise rowwise" adds rowwise, an accuracy
+# option, ~90 s more); bf16 and FP8 sampling only on an H100 (both measured on the H200).
+# presets distill starts from a one-step teacher, so the ZeRO-2 distillation (never finished on
+# a GPU) fits call 2. Expected: perf about 250 s on an H200 (400 s on an H100), distill about
+# 250 s; what is left can go to `presets zero3 pretrain` (about 200 s). Send call 2 at once (the machine
+# stays warm 30 s), after reading `status`, with what is left. If call 1 fails early, mend it
+# here and rerun it instead of call 2. Each step has its own limit and the benches rewrite their
+# result after each case, so a step stopped at its limit keeps the cases it finished. Every log
+# line carries the time it was written. $OUT comes back with at most 8 files: perf writes 4 on an
+# H200, 6 on an H100 (log, reference block, json + md per bench), presets 3-5 (+1 when .ref is carried).
 #
 # Rehearse on CPU (tiny sizes; the same steps, paths and overrides, plus CPU settings):
-#   AVGEN_REHEARSE=1 bash bench/device/check.sh perf|presets     (OUT defaults to /tmp/device_check)
+#   AVGEN_REHEARSE=1 bash bench/device/check.sh perf|presets [zero2|zero3] [both|pretrain|distill]     (OUT defaults to /tmp/device_check)
 set -uo pipefail
-part=${1:?usage: bench/device/check.sh perf|presets [zero2|zero3]}
-stage=${2:-zero2}  # presets: ZeRO-3 ran on 2026-11-26 (H200); ZeRO-2 has not run on a GPU yet
+part=${1:?usage: bench/device/check.sh perf|presets [zero2|zero3] [both|pretrain|distill]}
+stage=${2:-zero2}  # presets: ZeRO-3 ran both stages (lease 1); ZeRO-2 pretraining ran (leases 2, 3), its distillation never finished
+runs=${3:-both}
 OUT=${OUT:-/tmp/device_check}
 RUNS=${RUNS:-/tmp/device_check_runs}
 mkdir -p "$OUT"
@@ -70,11 +77,11 @@ reference_block() {
 
 if [ "$part" = perf ]; then
     if [ -n "$rehearse" ]; then
-        PROXY=(--preset tiny --device cpu --steps 1 --warmup 12) T16=300 HH1080=(--preset tiny --clips 64x64x1 --repeats 1 --device cpu)
+        PROXY=(--preset tiny --device cpu --steps 1 --warmup 3) T16=300 HH1080=(--preset tiny --clips 64x64x1 --repeats 1 --device cpu)
         FP8=(tensorwise)  # the CPU's _scaled_mm takes one scale per tensor only
     else
-        PROXY=(--preset proxy --steps 5 --warmup 12) T16=16384 HH1080=(--clips 1920x1080x5 --repeats 1)
-        FP8=(tensorwise rowwise)
+        PROXY=(--preset proxy --steps 5 --warmup 3) T16=16384 HH1080=(--clips 1920x1080x5 --repeats 1)
+        read -ra FP8 <<< "${FP8_RECIPES:-tensorwise}"
     fi
     reference_block
     REF=() ref=""
@@ -83,30 +90,24 @@ if [ "$part" = perf ]; then
     fi
     [ -n "$ref" ] && REF=(--reference-block-tflops "$ref")
     # 7.1: the real training step of the proxy (hh15b width, 1 + 4 + 1 layers), compiled, no
-    # recompute, at 16K tokens, captions trimmed as training trims them (no mask). In lease 2
-    # (H200), steps that each met a new caption length took 0.570 s against 0.495 s for one static
-    # shape, with no more GPU busy time: host time per new shape, or the dynamic-shape graph's?
-    # "varied" times 12 lengths its warm-up saw (a long run's steady state), "full" the static
-    # shape; --profile adds each case's top host operators to its json. The warm-up (12 steps)
-    # holds the compilations: static at the first step, dynamic at the second length.
-    step 170 train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text varied full --ac none --profile "${REF[@]}" --out "$OUT"
-    # The same static step with the blocks' matmuls in FP8 (torchao), both scaling recipes: the
-    # bf16-equivalent MFU against the 55% target, and the profile's _scaled_mm kernels.
-    step 170 train_step_16k_fp8 $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text full --ac none --float8 "${FP8[@]}" --profile "${REF[@]}" --out "$OUT" --tag _fp8
+    # recompute, at 16K tokens, one static full caption (trimmed captions cost the same at steady
+    # state: lease 3), in bf16 and with the blocks' matmuls in FP8 (torchao), in one process on
+    # one card: the bf16-equivalent MFU against the 55% target (tensorwise: 53.4% in lease 3,
+    # before the clip went into the optimizer's step) and each case's profile.
+    # Warm-up 3: one static shape compiles at the first step.
+    step $((150 + 90 * ${#FP8[@]})) train_step_16k $PY bench/train_step.py "${PROXY[@]}" --compile --tokens $T16 --text full --ac none --float8 none "${FP8[@]}" --profile "${REF[@]}" --out "$OUT"
     # 7.2: the 8-step 1080p 5 s student, compiled, layers timed at two depths and extrapolated to
-    # 40, with FP8 block matmuls (the stretch target; bf16 took 62.8 s on the H200 in lease 2, and
-    # attention, 74% of the FLOPs there, stays bf16: ~57 s by arithmetic). On an H100 bf16 first:
-    # the 64 s target has no H100 number yet. One invocation: one json and md for both.
+    # 40, bf16 then FP8 block matmuls: on an H100 only (the 64 s target has no H100 number; the
+    # H200 measured 62.8 s bf16 in lease 2 and 59.3 s FP8 in lease 3).
     gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-    SAMPLE_FP8=(tensorwise)
     if [ -n "$rehearse" ] || [[ "$gpu" == *H100* ]]; then
-        SAMPLE_FP8=(none tensorwise)
+        step 150 sample $PY bench/sample.py "${HH1080[@]}" --compile --float8 none tensorwise --out "$OUT"
     fi
-    step 150 sample $PY bench/sample.py "${HH1080[@]}" --compile --float8 "${SAMPLE_FP8[@]}" --out "$OUT"
     exit 0
 fi
 [ "$part" = presets ] || { echo "unknown part $part: perf or presets"; exit 2; }
 case $stage in zero2|zero3) ;; *) echo "unknown ZeRO stage $stage: zero2 or zero3"; exit 2 ;; esac
+case $runs in both|pretrain|distill) ;; *) echo "unknown runs $runs: both, pretrain or distill"; exit 2 ;; esac
 
 # 6.6: the h100x8 preset on this one GPU (ZeRO-2 or -3, bf16, compiled blocks, full activation
 # checkpointing): pretraining of a mid-size model (dim 1536, 1 + 6 + 1 layers, 0.39B) on 128x128
@@ -133,11 +134,24 @@ rm -rf "$RUNS"
 # compilations: two per graph, student, critic and teacher) and 0.35 s for each of the next 10,
 # then stopped at its 150 s limit, most likely in its end-of-run work (checkpoint, the samples,
 # whose sampling graphs compile then, export): its metrics end at iteration 20 of 30.
-step 200 pretrain_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
-    trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/pretrain_$stage"
-keep_metrics pretrain_$stage
-step 220 distill_$stage $PY -m train distill "${CLUSTER[@]}" strategy=$stage teacher="$RUNS/pretrain_$stage/export/model.safetensors" \
-    "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_$stage"
-keep_metrics distill_$stage
+# In lease 3 ZeRO-2 pretraining ran its 200 steps in 193 s (0.137 s a step after the first window
+# of 83 s; sampling 15.6 s, export 1.9 s); distillation was cut by the call's limit while compiling.
+if [ "$runs" = distill ]; then
+    # The teacher for a distillation run alone: the same model after one uncompiled step (seconds,
+    # not the 193 s of the full run); distillation's memory and step time do not depend on it.
+    teacher=teacher_$stage
+    step 120 $teacher $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
+        compile=false sample.steps=1 trainer.max_steps=1 hydra.run.dir="$RUNS/$teacher"
+else
+    teacher=pretrain_$stage
+    step 200 $teacher $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
+        trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/$teacher"
+    keep_metrics $teacher
+fi
+if [ "$runs" != pretrain ]; then
+    step 300 distill_$stage $PY -m train distill "${CLUSTER[@]}" strategy=$stage teacher="$RUNS/$teacher/export/model.safetensors" \
+        "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_$stage"
+    keep_metrics distill_$stage
+fi
 $PY bench/device/preset_runs.py "$RUNS" "$OUT" 2>&1 | tee -a "$LOG"
 reference_block
