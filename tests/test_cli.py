@@ -64,6 +64,13 @@ def test_float8_the_device_cannot_run_is_refused_before_start(tmp_path):
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "checkpoints").exists()  # no logger, no trainer yet
 
 
+def test_fp16_precision_is_refused_before_start(tmp_path):
+    out = run("pretrain", f"hydra.run.dir={tmp_path}", "trainer.precision=16-mixed", "trainer.accelerator=cpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "trainer.precision=16-mixed: fp16 is not supported; use bf16-mixed" in out.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def compose_cfg(stage, overrides=()):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=stage, overrides=list(overrides))

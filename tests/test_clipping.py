@@ -73,3 +73,21 @@ def test_infinite_threshold_only_measures():
     assert float(norm) > 1.0
     assert not hasattr(opt, "grad_scale")
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+def test_lightning_wrapper_is_unwrapped():
+    """Lightning's wrapper forwards reads but keeps writes: a grad_scale set on it would not reach
+    the step, so the clip goes to the optimizer inside it."""
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    reference, folded = model_with_gradients(100.0), model_with_gradients(100.0)
+    opt_ref, opt = adamw(reference, fused=True), adamw(folded, fused=True)
+    nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+    opt_ref.step()
+    clip_gradients(LightningOptimizer(opt), folded.parameters(), 1.0)
+    assert hasattr(opt, "grad_scale")
+    opt.step()
+    release(LightningOptimizer(opt))
+    assert not hasattr(opt, "grad_scale")
+    for p_ref, p in zip(reference.parameters(), folded.parameters()):
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)

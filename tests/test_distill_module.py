@@ -193,12 +193,20 @@ def test_clip_folded_into_fused_adamw_trains_as_clipping_the_gradients(monkeypat
     weights as clipping the gradients first with the unfused optimizer, not those without a clip."""
     import train.distill
 
-    plain_adamw = train.distill.adamw
+    plain_adamw, plain_release = train.distill.adamw, train.distill.release
 
     def weights_after(fused: bool, clip: float):
+        folded = []  # per network step: was the clip handed to the step (grad_scale set) when released?
+
+        def release(optimizer):
+            folded.append(hasattr(optimizer, "grad_scale"))
+            plain_release(optimizer)
+
         monkeypatch.setattr(train.distill, "adamw", lambda params, optim, *_, **__: plain_adamw(params, optim, fused))
+        monkeypatch.setattr(train.distill, "release", release)
         module = make_module(critic_steps_per_generator_step=1, grad_clip=clip)
         _, trainer = fit(module, 3)
+        assert folded == [fused and clip > 0] * 6  # the student's and the critic's step each iteration
         assert not any(hasattr(opt, "grad_scale") for opt in trainer.optimizers)  # released after each step
         return [p.detach().clone() for net in (module.student, module.critic) for p in net.parameters()]
 

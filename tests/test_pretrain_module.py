@@ -269,12 +269,20 @@ def test_clip_folded_into_fused_adamw_trains_as_clipping_the_gradients(monkeypat
     first with the unfused optimizer, and not those of no clipping."""
     import train.pretrain
 
-    plain_adamw = train.pretrain.adamw
+    plain_adamw, plain_release = train.pretrain.adamw, train.pretrain.release
 
     def weights_after(fused: bool, clip: float):
+        folded = []  # per step: was the clip handed to the step (grad_scale set) when released?
+
+        def release(optimizer):
+            folded.append(hasattr(optimizer, "grad_scale"))
+            plain_release(optimizer)
+
         monkeypatch.setattr(train.pretrain, "adamw", lambda params, optim, *_, **__: plain_adamw(params, optim, fused))
+        monkeypatch.setattr(train.pretrain, "release", release)
         module = make_module()
         _, trainer = fit(module, 3, gradient_clip_val=clip)
+        assert folded == [fused and clip > 0] * 3
         assert not hasattr(trainer.optimizers[0], "grad_scale")  # released after each step
         return [p.detach().clone() for p in module.model.parameters()]
 

@@ -30,10 +30,14 @@ def to_object(cls, section: DictConfig | None, name: str):
         raise ConfigError(f"{name}.{key}: {message}") from None
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision) -> str:
     if precision == "auto":
         return "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    return precision
+    if str(precision) in ("16", "16-mixed", "16-true"):
+        # fp16 needs loss scaling: clipping would see scaled gradients, and the distill stage's
+        # manual student step bypasses Lightning's scaler.
+        raise ConfigError(f"trainer.precision={precision}: fp16 is not supported; use bf16-mixed (GPU) or 32-true")
+    return str(precision)
 
 
 def fill_model_from_codec(model_cfg: DictConfig, codec, fps: float, sample_rate: int) -> DictConfig:

@@ -5,7 +5,7 @@
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~61 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
 #   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 580
-#   call 2:      bash bench/device/check.sh presets zero2 distill  # carry [".whl"], timeout_s: what is left (up to 450)
+#   call 2:      bash bench/device/check.sh presets zero2 distill  # carry [".whl"], timeout_s: what is left (distill alone: 420 s at its limits, about 250 expected)
 #                (presets zero2|zero3 [both|pretrain|distill]; distill alone starts from a teacher
 #                pretrained for one uncompiled step: its quality does not matter for memory and time)
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date, device and lease)
@@ -136,22 +136,31 @@ rm -rf "$RUNS"
 # whose sampling graphs compile then, export): its metrics end at iteration 20 of 30.
 # In lease 3 ZeRO-2 pretraining ran its 200 steps in 193 s (0.137 s a step after the first window
 # of 83 s; sampling 15.6 s, export 1.9 s); distillation was cut by the call's limit while compiling.
+teacher_ok=1
 if [ "$runs" = distill ]; then
     # The teacher for a distillation run alone: the same model after one uncompiled step (seconds,
     # not the 193 s of the full run); distillation's memory and step time do not depend on it.
-    teacher=teacher_$stage
-    step 120 $teacher $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
-        compile=false sample.steps=1 trainer.max_steps=1 hydra.run.dir="$RUNS/$teacher"
+    # Outside $RUNS: it is not one of the runs preset_runs.py summarises.
+    teacher_dir=${RUNS}_teacher_$stage
+    rm -rf "$teacher_dir"
+    step 120 teacher_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
+        compile=false sample.steps=1 trainer.max_steps=1 hydra.run.dir="$teacher_dir" || teacher_ok=0
+    DISTILL_LIMIT=300
 else
-    teacher=pretrain_$stage
-    step 200 $teacher $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
-        trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$RUNS/$teacher"
-    keep_metrics $teacher
+    teacher_dir=$RUNS/pretrain_$stage
+    step 240 pretrain_$stage $PY -m train pretrain "${CLUSTER[@]}" strategy=$stage "${MID[@]}" "${DATA[@]}" "${SHORT[@]}" \
+        trainer.max_steps=$STEPS_PRE checkpoint_every_n_steps=$STEPS_PRE hydra.run.dir="$teacher_dir" || teacher_ok=0
+    keep_metrics pretrain_$stage
+    DISTILL_LIMIT=220  # both runs: 460 s at their limits (lease 3: pretraining alone 193 s)
 fi
 if [ "$runs" != pretrain ]; then
-    step 300 distill_$stage $PY -m train distill "${CLUSTER[@]}" strategy=$stage teacher="$RUNS/$teacher/export/model.safetensors" \
-        "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_$stage"
-    keep_metrics distill_$stage
+    if [ $teacher_ok = 1 ]; then
+        step $DISTILL_LIMIT distill_$stage $PY -m train distill "${CLUSTER[@]}" strategy=$stage teacher="$teacher_dir/export/model.safetensors" \
+            "${DATA[@]}" "${SHORT[@]}" trainer.max_steps=$STEPS_DISTILL checkpoint_every_n_steps=$STEPS_DISTILL hydra.run.dir="$RUNS/distill_$stage"
+        keep_metrics distill_$stage
+    else
+        echo "=== distill_$stage: not started, its teacher's run failed" | tee -a "$LOG"
+    fi
 fi
 $PY bench/device/preset_runs.py "$RUNS" "$OUT" 2>&1 | tee -a "$LOG"
 reference_block
