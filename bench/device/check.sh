@@ -4,7 +4,7 @@
 #
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~61 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
-#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 580
+#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 330 on an H200, 480 on an H100 (limits: 290 s, 440 s with the H100-only sampling)
 #   call 2:      bash bench/device/check.sh presets zero2 distill  # carry [".whl"], timeout_s: what is left (distill alone: 420 s at its limits, about 250 expected)
 #                (presets zero2|zero3 [both|pretrain|distill]; distill alone starts from a teacher
 #                pretrained for one uncompiled step: its quality does not matter for memory and time)
