@@ -146,9 +146,8 @@ def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teache
     DeepSpeed checkpoint per network), and an interrupted run resumes to the same losses and
     export. The losses match the DDP run's: the same math, only sharded."""
     pytest.importorskip("deepspeed")
-    ranks = TWO_RANKS
     straight, resumed, ddp = tmp_path / "straight", tmp_path / "resumed", ddp_straight
-    out = distill(straight, shards, teacher, 4, f"strategy={stage}", *ranks)
+    out = distill(straight, shards, teacher, 4, f"strategy={stage}", *TWO_RANKS)
     if stage == "zero3":  # built partitioned from the teacher file: rank 0 holds half the student
         m = re.search(r"networks built on \S+: student, critic, teacher; the student has ([\d,]+) parameters, ([\d,]+) of them held",
                       out.stdout + out.stderr)
@@ -163,8 +162,8 @@ def test_distill_zero_two_processes_one_engine_per_network(stage, shards, teache
     # Under ZeRO-3 the interrupted run keeps a whole teacher on each rank instead of a partitioned
     # one: the same numbers are expected either way.
     replicated = ("distill.teacher_partitioned=false",) if stage == "zero3" else ()
-    distill(resumed, shards, teacher, 2, f"strategy={stage}", *ranks, *replicated)
-    distill(resumed, shards, teacher, 4, f"strategy={stage}", *ranks, *replicated)
+    distill(resumed, shards, teacher, 2, f"strategy={stage}", *TWO_RANKS, *replicated)
+    distill(resumed, shards, teacher, 4, f"strategy={stage}", *TWO_RANKS, *replicated)
     for key in ("distill/critic_loss", "distill/dm_loss", "distill/gan_critic", "distill/grad_norm/student"):
         a, b, c = metric(straight, key), metric(resumed, key), metric(ddp, key)
         assert sorted(a) == sorted(b) == sorted(c), (key, a, b, c)
