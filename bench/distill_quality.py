@@ -13,7 +13,8 @@ Reports, for real clips (the reference), teacher and student:
   colour_acc    the dominant colour is one of the caption's colours
   axis_acc      horizontal/vertical motion as captioned (clips with those motions only)
   seconds/clip  wall-clock of generation (batch 1, the device named in the json)
-With --float8 RECIPE the student is also sampled with FP8 block matmuls (train/float8.py), on the
+With --float8 RECIPE the student is also sampled with FP8 block matmuls (train/float8.py), and with
+--video-window T[,H,W] ... with windowed attention between video tokens (model/window.py), on the
 same prompts and seeds: the same measures, and its clips' relative difference to the student's.
 Writes bench/results/distill_quality_<device>_<date>.json (or --out) and prints a table.
 """
@@ -38,9 +39,11 @@ from data.decode import ClipSpec as DecodeSpec  # noqa: E402
 from data.decode import decode_clip  # noqa: E402
 from data.synthetic import synthetic_clip  # noqa: E402
 from bench.environment import describe, slug  # noqa: E402
+from model.window import VideoWindow, video_pairs_kept  # noqa: E402
 from train.checkpoint import load_generator  # noqa: E402
 from train.float8 import FLOAT8_RECIPES, apply_float8  # noqa: E402
-from train.sampling import ClipSpec, Guidance, generate  # noqa: E402
+from train.sampling import ClipSpec, Guidance, generate, latent_noise  # noqa: E402
+from train.sequence import build_sequence  # noqa: E402
 
 HELD_OUT_SEED = 1_000_003  # the training set uses seed 0: these scenes were never trained on
 
@@ -112,10 +115,19 @@ def sample_set(path: str, generator, real: list[dict], seconds: float, height: i
         times.append(time.perf_counter() - start)
         out.append({"video": video[0].cpu().clamp(-1, 1), "audio": audio[0].cpu(), "meta": c["meta"], "caption": c["caption"]})
     info = {"ckpt": path, "sampler": "student" if student else "euler", "steps": steps, "cfg": scale,
+            "video_window": str(model.video_window) if model.video_window else "dense",
             "network_evaluations": steps * (2 if guidance.active else 1),
             # the first clip includes warm-up; the median is the steady state
             "seconds_per_clip_median": sorted(times)[len(times) // 2], "seconds_per_clip_mean": sum(times) / len(times)}
     return out, info
+
+
+def clip_layout(generator, args):
+    """The student's sequence layout at the benchmark's clip size (for the window's sparsity)."""
+    model, codec, meta, _ = generator
+    spec = ClipSpec.from_seconds(args.seconds, meta["data"]["fps"], args.height, args.width, meta["data"]["sample_rate"])
+    video, audio = latent_noise(codec, spec, [0], "cpu")
+    return build_sequence(model.args, [""], meta["text_len"], video, audio, task="t2v", trim_text=True).layout
 
 
 def difference(clips: list[dict], reference: list[dict]) -> dict:
@@ -142,9 +154,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--source-rate", type=int, default=16000, help="sample rate the held-out clips are rendered at")
     parser.add_argument("--float8", choices=FLOAT8_RECIPES, default="none",
                         help="also sample the student with FP8 block matmuls (train/float8.py): the quality cost of FP8")
+    parser.add_argument("--video-window", nargs="+", default=[], metavar="T[,H,W]",
+                        help="also sample the student with each window of attention between video tokens (model/window.py), "
+                             "e.g. 2 3 (+-2, +-3 latent frames): the quality cost of sparse attention")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    try:
+        windows = [VideoWindow.parse(w) for w in args.video_window]
+    except ValueError as e:
+        parser.error(f"--video-window: {e}")
 
     torch.manual_seed(0)
     teacher_generator = load_generator(args.teacher, args.device)
@@ -163,6 +182,12 @@ def main(argv=None) -> dict:
         fp8, fp8_info = sample_set(args.student, generator, real, args.seconds, args.height, args.width, None, None, args.device)
         fp8_info.update(float8=args.float8, **difference(fp8, student))
         sets["student_float8"] = (fp8, fp8_info)
+    for window in filter(None, windows):
+        generator = load_generator(args.student, args.device)
+        generator[0].video_window = window
+        clips, info = sample_set(args.student, generator, real, args.seconds, args.height, args.width, None, None, args.device)
+        info.update(video_window=str(window), video_pairs_kept=video_pairs_kept(clip_layout(generator, args), window), **difference(clips, student))
+        sets[f"student_window_{window}"] = (clips, info)
 
     real_feats = features(real, fps, rate)
     mean, std = real_feats.mean(0), real_feats.std(0).clamp_min(1e-6)
@@ -193,12 +218,12 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     keys = ["network_evaluations", "seconds_per_clip_median", "fd", "sync_mean_abs_offset_ms", "sync_onsets_matched", "sync_events_matched", "colour_acc", "axis_acc"]
-    print(f"{'':15}" + "".join(f"{k[:18]:>20}" for k in keys))
+    print(f"{'':24}" + "".join(f"{k[:18]:>20}" for k in keys))
     for name, row in report.items():
         cells = [row.get(k) for k in keys]
-        print(f"{name:15}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v):>20}" for v in cells))
+        print(f"{name:24}" + "".join(f"{'-' if v is None else (f'{v:.3f}' if isinstance(v, float) else v):>20}" for v in cells))
         if "video_relative_difference_to_student" in row:
-            print(f"{'':15}relative difference to the student's clips: video {row['video_relative_difference_to_student']:.4f}, "
+            print(f"{'':24}relative difference to the student's clips: video {row['video_relative_difference_to_student']:.4f}, "
                   f"audio {row['audio_relative_difference_to_student']:.4f}")
     print(f"wrote {out}")
     return result

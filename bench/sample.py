@@ -6,6 +6,7 @@ runs them: no forward has a padding mask).
     python bench/sample.py                       # GPU: hh15b, layers timed at two depths
     python bench/sample.py --full                # time the whole 40-layer model (needs ~30 GB + activations)
     python bench/sample.py --compile --float8 none tensorwise rowwise   # bf16, then FP8 block matmuls
+    python bench/sample.py --compile --clips 1920x1080x5 --video-window none 3 2   # dense, then +-3 and +-2 frames
     python bench/sample.py --preset tiny --clips 64x64x1 --repeats 1     # CPU (what the tests run)
 
 Token counts assume hh15b's latents: a Wan2.2-style video VAE (16x spatial, 4x temporal, 48 ch,
@@ -19,7 +20,10 @@ so one per-layer time serves both. VAE decoding is not included. Forwards run in
 torch.inference_mode with the attention order of training (cuDNN first), compiled per block with
 --compile (static shapes: each forward shape its own graph); with --float8 the blocks' projections
 run on the FP8 tensor cores (torchao, train/float8.py; the weights are cast at each forward, as in
-training). Writes
+training); with --video-window each video token attends only to the video tokens within that
+window (model/window.py; FlexAttention, compiled into the blocks with --compile, and compiled on
+its own otherwise: eager it would compute every score), each window timed in turn on the same
+models. Writes
 bench/results/sample_<device>_<date>.{json,md}, rewritten after each clip (a run stopped early
 keeps the clips it finished: order --clips by priority).
 """
@@ -41,6 +45,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from bench.environment import describe, slug, write  # noqa: E402
 from model import AVTransformer, ModelArgs, Segment, SequenceLayout  # noqa: E402
+from model.window import VideoWindow, computed_fraction, video_pairs_kept, window_block_mask  # noqa: E402
 from train.float8 import FLOAT8_RECIPES, apply_float8  # noqa: E402
 from train.flops import forward_flops  # noqa: E402
 from train.parallelize import apply_compile, attention_backends  # noqa: E402
@@ -116,10 +121,17 @@ def main(argv=None) -> dict:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--float8", choices=FLOAT8_RECIPES, nargs="+", default=["none"],
                    help="FP8 block matmuls (train/float8.py), each recipe timed in turn (e.g. none tensorwise)")
+    p.add_argument("--video-window", nargs="+", default=["none"], metavar="T[,H,W]",
+                   help="attention windows between video tokens (model/window.py), each timed in turn: none (dense), "
+                        "3 (+-3 latent frames), 3,12 (and +-12 rows), 3,12,all ...")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
+    try:
+        windows = [VideoWindow.parse(w) for w in args.video_window]
+    except ValueError as e:
+        p.error(f"--video-window: {e}")
     device = torch.device(args.device)
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{args.preset}.yaml"))
     cfg.pop("_target_")
@@ -133,7 +145,7 @@ def main(argv=None) -> dict:
     how = "whole model" if args.full else f"extrapolated from {depths} layers"
     result = {"benchmark": "sample", **describe(device, ["bench/sample.py", *(sys.argv[1:] if argv is None else argv)]),
               "preset": args.preset, "layers": n_layers, "extrapolated_from_depths": None if args.full else depths,
-              "compile": args.compile, "float8": args.float8, "latents": {"vae_spatial": VAE_SPATIAL, "vae_temporal": VAE_TEMPORAL, "video_fps": VIDEO_FPS,
+              "compile": args.compile, "float8": args.float8, "video_windows": [str(w) if w else "dense" for w in windows], "latents": {"vae_spatial": VAE_SPATIAL, "vae_temporal": VAE_TEMPORAL, "video_fps": VIDEO_FPS,
                                                    "audio_latent_hz": AUDIO_LATENT_HZ, "text_tokens": TEXT_TOKENS},
               "results": []}
     rows, stem = result["results"], f"sample_{slug(device)}_{result['date']}{args.tag}"
@@ -146,9 +158,12 @@ def main(argv=None) -> dict:
             models = {k + 2: build(cfg, device, args.compile, float8, n_modality_in=1, n_shared=k, n_modality_out=1) for k in args.depths}
         with attention_backends():
             for clip in args.clips:
-                rows.append(time_clip(models, full_args, clip, args, device) | {"float8": float8})
-                print(rows[-1], file=sys.stderr)
-                write(result, args.out, stem, table(rows, title))
+                for window in windows:
+                    for m in models.values():
+                        m.video_window = window
+                    rows.append(time_clip(models, full_args, clip, args, device, window) | {"float8": float8})
+                    print(rows[-1], file=sys.stderr)
+                    write(result, args.out, stem, table(rows, title))
         # The next recipe's models are built in this memory: the compiled forwards (a cycle through
         # each block) and dynamo's caches hold these ones until both are cleared.
         del models
@@ -159,15 +174,21 @@ def main(argv=None) -> dict:
     return result
 
 
-def time_clip(models: dict[int, AVTransformer], full_args: ModelArgs, clip: str, args, device) -> dict:
+def time_clip(models: dict[int, AVTransformer], full_args: ModelArgs, clip: str, args, device, window: VideoWindow | None = None) -> dict:
     """One clip's row: the student's and the uncond forward, measured at each depth (and
-    extrapolated to the whole model), the 8-step and the 50-step + CFG totals."""
+    extrapolated to the whole model), the 8-step and the 50-step + CFG totals. With a window,
+    FLOPs count the attention pairs inside it (train/flops.py), and the tiles the kernel computes
+    are reported beside them."""
     n_layers = full_args.n_layers
     width, height, seconds = (float(x) for x in clip.split("x"))
     segs = segments(full_args, int(width), int(height), seconds)
     uncond = segments(full_args, int(width), int(height), seconds, text_tokens=2)  # the empty caption: BOS + EOS
     layout = SequenceLayout(segs, full_args)
-    row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens}
+    row = {"clip": f"{int(width)}x{int(height)} {seconds:g} s", "tokens": layout.n_tokens, "video_window": str(window) if window else "dense",
+           "attention_tiles_computed": 1.0, "video_pairs_kept": 1.0}
+    if window:
+        row["attention_tiles_computed"] = computed_fraction(window_block_mask(layout, window, device))
+        row["video_pairs_kept"] = video_pairs_kept(layout, window)
     for layout_segs, name in ((segs, "student_forward_s"), (uncond, "uncond_forward_s")):
         measured = {depth: time_forward(m, layout_segs, args.repeats, device) for depth, m in models.items()}
         row[name.replace("_s", "_measured_s")] = {str(depth): t for depth, t in measured.items()}
@@ -181,17 +202,19 @@ def time_clip(models: dict[int, AVTransformer], full_args: ModelArgs, clip: str,
     row["teacher_cfg_forward_s"] = row["student_forward_s"] + row["uncond_forward_s"]
     row["student_8_steps_s"] = STUDENT_STEPS * row["student_forward_s"]
     row["teacher_50_steps_cfg_s"] = TEACHER_STEPS * row["teacher_cfg_forward_s"]
-    flops = forward_flops(layout)
+    flops = forward_flops(layout, window=window)
     row["forward_tflops"] = flops / 1e12
     row["forward_tflops_per_s"] = flops / row["student_forward_s"] / 1e12
     return row
 
 
 def table(rows: list[dict], title: str) -> str:
-    lines = [title, "", "| clip | tokens | float8 | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [title, "", "| clip | tokens | float8 | video window (attention tiles computed) | 1 forward s | TFLOP/s | student 8 steps s | teacher 50 steps + CFG s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['clip']} | {r['tokens']} | {r['float8']} | {r['student_forward_s']:.4g} | {r['forward_tflops_per_s']:.4g} | "
+        window = r.get("video_window", "dense")
+        window = window if window == "dense" else f"{window} ({r['attention_tiles_computed']:.1%})"
+        lines.append(f"| {r['clip']} | {r['tokens']} | {r['float8']} | {window} | {r['student_forward_s']:.4g} | {r['forward_tflops_per_s']:.4g} | "
                      f"{r['student_8_steps_s']:.4g} | {r['teacher_50_steps_cfg_s']:.4g} |")
     return "\n".join(lines)
 

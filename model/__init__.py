@@ -5,6 +5,7 @@ from model.block import ModalityBlock, SharedBlock, TransformerBlock
 from model.layout import Segment, SequenceLayout
 from model.text import encode_bytes
 from model.transformer import AVTransformer, count_parameters
+from model.window import VideoWindow
 
 
 def build_model(**kwargs) -> AVTransformer:
@@ -22,6 +23,7 @@ __all__ = [
     "SequenceLayout",
     "SharedBlock",
     "TransformerBlock",
+    "VideoWindow",
     "build_model",
     "count_parameters",
     "encode_bytes",

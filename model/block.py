@@ -10,11 +10,14 @@ per distinct timestep outside the blocks (see `TimestepEmbedding`), plus a learn
 per-weight-set offset. It is broadcast over a segment's tokens, never expanded per token.
 """
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from model.args import ModelArgs
 from model.init import Linear
@@ -32,6 +35,9 @@ class BlockContext:
     rope_cos: torch.Tensor  # (N, head_dim // 2)
     rope_sin: torch.Tensor
     attn_mask: torch.Tensor | None  # (B, 1, 1, N) bool, True = attend; None = attend everywhere
+    # A sparse attention pattern (model/window.py, on a GPU), which then replaces attn_mask:
+    # FlexAttention computes only the tiles it keeps. None: SDPA (cuDNN / flash) with attn_mask.
+    block_mask: BlockMask | None = None
 
 
 def modulate(x, shift, scale, lengths):
@@ -133,9 +139,12 @@ class TransformerBlock(nn.Module):
         q = apply_rope(torch.cat(qs, dim=1), ctx.rope_cos, ctx.rope_sin).transpose(1, 2)
         k = apply_rope(torch.cat(ks, dim=1), ctx.rope_cos, ctx.rope_sin).transpose(1, 2)
         v = torch.cat(vs, dim=1).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=ctx.attn_mask, enable_gqa=a.n_kv_heads != a.n_heads
-        ).transpose(1, 2)  # (B, N, H, hd)
+        gqa = a.n_kv_heads != a.n_heads
+        if ctx.block_mask is not None:
+            o = windowed_attention(q, k, v, ctx.block_mask, gqa)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.attn_mask, enable_gqa=gqa)
+        o = o.transpose(1, 2)  # (B, N, H, hd)
 
         # 3. per weight set: head gate, output projection, residual, MLP
         outs = []
@@ -147,6 +156,25 @@ class TransformerBlock(nn.Module):
             h2 = modulate(w.mlp_norm(xr), m[:, :, 3], m[:, :, 4], run.lengths)
             outs.append(xr + scale_segments(w.mlp(h2), m[:, :, 5], run.lengths))
         return torch.cat(outs, dim=1)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def windowed_attention(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:
+    """FlexAttention over the tiles block_mask keeps (the model gives it a block mask on a GPU
+    only). There it must run as a generated kernel: called eagerly, FlexAttention computes every
+    score (at 1080p, 63K^2 of them per head), so outside a compiled block it is compiled here;
+    inside one, dynamo inlines it. A direct call on CPU (the tests') runs the exact eager path."""
+    if torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    if q.is_cuda:
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    with warnings.catch_warnings():  # a CPU check of the kernel's tiling, not the misuse the warning is for
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile")
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def ModalityBlock(args: ModelArgs) -> TransformerBlock:

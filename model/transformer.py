@@ -27,6 +27,7 @@ from model.patch import (
     unpatchify_video,
 )
 from model.rope import rope_angles
+from model.window import VideoWindow, window_block_mask, window_dense_mask
 from model.text import BYTE_VOCAB
 
 
@@ -100,6 +101,10 @@ class AVTransformer(nn.Module):
         self.heads = nn.ModuleDict({m: OutputHead(args, patch_dim[m]) for m in patch_dim if m in args.modalities})
         # Every layer initialised itself in its constructor (model/init.py): no pass over the
         # whole model here, which a model built partitioned (DeepSpeed zero.Init) could not take.
+        # Sparse attention between video tokens (model/window.py), e.g. VideoWindow(t=3) for a
+        # fast sampler; None: dense. Not a weight and not in ModelArgs: the same weights sample
+        # with or without it (its quality cost: docs/performance.md).
+        self.video_window: VideoWindow | None = None
 
     def reset_parameters(self):
         for emb in self.embed.values():
@@ -153,6 +158,14 @@ class AVTransformer(nn.Module):
             if key_mask.shape != (B, N):
                 raise ValueError(f"key_mask: shape {tuple(key_mask.shape)} != (batch, tokens) = {(B, N)}")
             attn_mask = key_mask.bool()[:, None, None, :]
+        block_mask = None
+        if self.video_window is not None and any(s.modality == "video" for s in layout.segments):
+            # The key mask goes into the window's mask. On a GPU FlexAttention skips the tiles
+            # outside the window; on CPU the same pattern is a dense mask for SDPA (model/window.py).
+            if x.is_cuda:
+                block_mask, attn_mask = window_block_mask(layout, self.video_window, x.device, key_mask), None
+            else:
+                attn_mask = window_dense_mask(layout, self.video_window, x.device, key_mask)
         ctx = BlockContext(
             runs_modality=layout.runs(shared=False),
             runs_shared=layout.runs(shared=True),
@@ -160,6 +173,7 @@ class AVTransformer(nn.Module):
             rope_cos=cos,
             rope_sin=sin,
             attn_mask=attn_mask,
+            block_mask=block_mask,
         )
         for block in self.blocks[: n_blocks if stop_after_block is None else stop_after_block + 1]:
             x = block(x, ctx)

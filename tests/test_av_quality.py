@@ -97,10 +97,13 @@ def test_quality_report_runs_on_tiny_exports(tmp_path):
     out = tmp_path / "report.json"
     distill_quality.main(["--teacher", str(teacher), "--student", str(student), "--clips", "4", "--seconds", "1.0",
                           "--height", "16", "--width", "16", "--teacher-steps", "3", "--device", "cpu", "--out", str(out),
-                          "--float8", "tensorwise"])
+                          "--float8", "tensorwise", "--video-window", "1"])
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert set(rows) == {"real", "teacher", "student", "student_float8"}
+    assert set(rows) == {"real", "teacher", "student", "student_float8", "student_window_1xallxall"}
+    windowed = rows["student_window_1xallxall"]  # the same student with +-1 latent frame of video attention
+    assert windowed["video_window"] == "1xallxall" and 0 < windowed["video_pairs_kept"] < 1
+    assert 0 < windowed["video_relative_difference_to_student"] and windowed["network_evaluations"] == 4
     fp8 = rows["student_float8"]  # the same student, prompts and seeds, FP8 block matmuls: close, not equal
     assert fp8["float8"] == "tensorwise" and fp8["network_evaluations"] == 4
     assert 0 < fp8["video_relative_difference_to_student"] < 0.2 and 0 < fp8["audio_relative_difference_to_student"] < 0.2

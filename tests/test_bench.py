@@ -131,7 +131,19 @@ def test_sample_bench_times_each_float8_recipe_on_cpu(tmp_path):
     rows = result["results"]
     assert [r["float8"] for r in rows] == ["none", "tensorwise"] and all(r["student_forward_s"] > 0 for r in rows)
     assert rows[0]["forward_tflops"] == rows[1]["forward_tflops"]  # the same model FLOPs, at another rate
-    assert "| 64x64 1 s | 306 | tensorwise |" in (tmp_path / f"sample_cpu_{result['date']}_fp8.md").read_text()
+    assert "| 64x64 1 s | 306 | tensorwise | dense |" in (tmp_path / f"sample_cpu_{result['date']}_fp8.md").read_text()
+
+
+def test_sample_bench_times_each_video_window_on_cpu(tmp_path):
+    result = sample.main(["--preset", "tiny", "--clips", "256x256x3", "--repeats", "1", "--device", "cpu", "--video-window", "none", "1",
+                          "--out", str(tmp_path), "--tag", "_window"])
+    dense, windowed = result["results"]
+    assert (dense["video_window"], windowed["video_window"]) == ("dense", "1xallxall")
+    assert dense["attention_tiles_computed"] == 1.0 and windowed["attention_tiles_computed"] < 1.0
+    # 1 + 18 latent frames of 8 x 8 tokens (12 tiles in all), +-1 frame: (19 + 2 x 18) / 19^2 of the video pairs
+    assert windowed["video_pairs_kept"] == pytest.approx((19 + 2 * 18) / 19**2)
+    assert windowed["student_forward_s"] > 0 and windowed["forward_tflops"] < dense["forward_tflops"]  # attention over the window's pairs
+    assert "| 1xallxall (" in (tmp_path / f"sample_cpu_{result['date']}_window.md").read_text()
 
 
 def test_sample_bench_token_counts_of_hh15b():

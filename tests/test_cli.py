@@ -48,6 +48,13 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     assert "nope.safetensors" in out.stderr and "no such file" in out.stderr
 
 
+def test_bad_video_window_is_refused_before_loading(tmp_path):
+    out = run("sample", f"ckpt={tmp_path / 'nope.safetensors'}", "video_window=[-1]")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "video_window=[-1]: VideoWindow.t=-1: a half-width is an integer >= 0" in out.stderr
+    assert "no such file" not in out.stderr  # refused before the checkpoint is read
+
+
 def test_wrong_type_and_range_name_the_option(tmp_path):
     out = run("pretrain", f"hydra.run.dir={tmp_path}", "optimizer.warmup_steps=abc", "data.synthetic=null", f"data.loader.shards={tmp_path}")
     assert out.returncode == 2 and "Traceback" not in out.stderr

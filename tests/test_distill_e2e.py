@@ -84,20 +84,39 @@ def test_distill_end_to_end_then_resume_exactly(shards, teacher, tmp_path):  # n
     with av.open(str(out)) as c:
         assert c.streams.video[0].frames == round(SECONDS * FPS) and len(c.streams.audio) == 1
     info = json.loads(out.with_suffix(".json").read_text())
-    assert (info["steps"], info["network_evaluations"], info["sampler"], info["float8"]) == (8, 8, "student", "none")
-    # the same with FP8 block matmuls (train/float8.py; on CPU the tensorwise recipe)
+    assert (info["steps"], info["network_evaluations"], info["sampler"], info["float8"], info["video_window"]) == (8, 8, "student", "none", None)
+    # the same with FP8 block matmuls (train/float8.py; on CPU the tensorwise recipe) and
+    # windowed attention between video tokens (model/window.py)
     res = subprocess.run(
         [sys.executable, "-m", "train", "sample", f"ckpt={straight / 'export' / 'model.safetensors'}", "seed=3",
-         f"seconds={SECONDS}", "height=16", "width=16", f"out={out}", "float8=tensorwise"],
+         f"seconds={SECONDS}", "height=16", "width=16", f"out={out}", "float8=tensorwise", "video_window=[1]"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads(out.with_suffix(".json").read_text())["float8"] == "tensorwise"
+    info = json.loads(out.with_suffix(".json").read_text())
+    assert (info["float8"], info["video_window"]) == ("tensorwise", "1xallxall")
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].frames == round(SECONDS * FPS) and len(c.streams.audio) == 1
     res = subprocess.run(
         [sys.executable, "-m", "train", "sample", f"ckpt={straight / 'export' / 'model.safetensors'}", f"out={out}", "float8=rowwise"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 2 and "float8=rowwise: on CPU only float8=tensorwise" in res.stderr
+
+
+def test_student_distilled_with_a_video_window_keeps_it_in_its_export(shards, teacher, tmp_path):  # noqa: F811
+    """distill.student_video_window: the export records the window and `train sample` uses it
+    unless told otherwise (video_window=none: dense)."""
+    run_dir = tmp_path / "windowed"
+    distill(run_dir, shards, teacher, 2, "distill.student_video_window=[1]", "logger.mode=disabled", "sample.every_n_steps=0")
+    export = run_dir / "export" / "model.safetensors"
+    assert read_weights(export)[1]["student"]["video_window"] == [1, None, None]
+    out = tmp_path / "s.mp4"
+    for override, want in (([], "1xallxall"), (["video_window=none"], None)):
+        res = subprocess.run([sys.executable, "-m", "train", "sample", f"ckpt={export}", f"seconds={SECONDS}", "height=16", "width=16",
+                              f"out={out}", *override], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(out.with_suffix(".json").read_text())["video_window"] == want
 
 
 def test_distill_refuses_a_teacher_of_another_config(shards, teacher, tmp_path):  # noqa: F811

@@ -214,3 +214,18 @@ def test_clip_folded_into_fused_adamw_trains_as_clipping_the_gradients(monkeypat
     for f, c in zip(folded, clipped):
         torch.testing.assert_close(f, c, rtol=1e-5, atol=1e-6)
     assert max((f - u).abs().max().item() for f, u in zip(folded, unclipped)) > 1e-5
+
+
+def test_student_video_window_is_the_students_alone_and_it_trains_with_it():
+    """distill.student_video_window: the student generates (and learns) through windowed
+    attention (model/window.py), teacher and critic stay dense; the first iteration, a generator
+    update, moves the student differently from a dense student's."""
+    from model.window import VideoWindow
+
+    module = make_module(student_video_window=[1])
+    assert module.student.video_window == VideoWindow(t=1)
+    assert module.critic.net.video_window is None and module.teacher.video_window is None
+    before = [p.detach().clone() for p in module.student.parameters()]
+    windowed = fit(module, 1)[0].after[0][0]
+    dense = fit(make_module(), 1)[0].after[0][0]
+    assert not same(windowed, before) and not same(windowed, dense)

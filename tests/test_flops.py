@@ -37,6 +37,21 @@ def test_forward_flops_by_hand():
     assert train_flops(layout, batch=3) == 9 * by_hand
 
 
+def test_a_video_window_counts_the_attention_pairs_inside_it():
+    """With a window, attention FLOPs are 4 dim x the attended pairs (counted here pair by pair
+    from the hand-built mask), per block; the rest of the count is unchanged."""
+    from model.window import VideoWindow
+    from tests.test_window import I2V, hand_mask
+
+    a = tiny_args()
+    layout = AVTransformer(a).layout(I2V)
+    window = VideoWindow(t=2, h=1)
+    pairs = int(hand_mask(layout, window).sum())
+    n = layout.n_tokens
+    assert pairs < n * n
+    assert forward_flops(layout, 2) - forward_flops(layout, 2, window=window) == 2 * 4 * a.n_layers * a.dim * (n * n - pairs)
+
+
 SEQUENCES = {
     "t2v+audio": [TEXT, VIDEO, AUDIO],
     "i2v": [TEXT, Segment("video", "condition", VIDEO.shape), VIDEO],
@@ -82,9 +97,16 @@ def test_model_flops_counts_each_forward_with_its_backward():
     with torch.no_grad():
         holder["student"](inputs, layout, t)
     assert counter.total == 6 * fwd
+    from model.window import VideoWindow  # a windowed forward: its attention over the window's pairs
+
+    holder["student"].video_window = VideoWindow(t=1)
+    with torch.no_grad():
+        holder["student"](inputs, layout, t)
+    assert counter.total == 6 * fwd + forward_flops(layout, 2, window=VideoWindow(t=1)) < 7 * fwd
+    total = counter.total
     counter.remove()
     holder["student"](inputs, layout, t)
-    assert counter.total == 6 * fwd
+    assert counter.total == total
 
 
 def test_a_forward_stopped_early_is_counted_as_what_ran():

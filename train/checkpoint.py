@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import AVTransformer, ModelArgs
+from model.window import VideoWindow
 from train.codec import PatchCodec
 from train.config import ConfigError
 
@@ -233,4 +234,6 @@ def load_generator(path, device="cpu", dtype: torch.dtype = torch.float32) -> tu
     finally:
         torch.set_default_dtype(default)
     load_into(model, weights, f"ckpt={str(path)!r}")
+    # A student distilled with windowed attention samples with it (model/window.py).
+    model.video_window = VideoWindow.parse((meta.get("student") or {}).get("video_window"))
     return model.eval(), PatchCodec(**meta["codec"]), meta, step

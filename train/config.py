@@ -4,6 +4,7 @@ raises ConfigError naming the option, the value and what is allowed."""
 
 from dataclasses import dataclass, field
 
+from model.window import VideoWindow
 from train.float8 import FLOAT8_RECIPES
 from train.parallelize import AC_MODES, ATTENTION_BACKENDS, DEFAULT_ATTENTION_ORDER
 
@@ -160,6 +161,10 @@ class DistillConfig:
     # copy in the compute dtype on every GPU (false: no gathers in its forwards, 2 bytes/param).
     teacher_partitioned: bool = True
     max_nonfinite_in_a_row: int = 10  # stop after this many consecutive skipped (NaN/inf) updates
+    # Sparse attention for the student (model/window.py): [t] or [t, h, w] half-widths in latent
+    # tokens between video tokens, e.g. [3]; null: dense. Teacher and critic stay dense; the
+    # student trains and samples with it, and its export records it (`train sample` uses it).
+    student_video_window: list | None = None
 
     def __post_init__(self):
         _require(self.student_steps >= 1, "distill.student_steps", self.student_steps, "must be >= 1")
@@ -174,6 +179,15 @@ class DistillConfig:
         for name in ("video_weight", "audio_weight", "gan_generator_weight", "gan_critic_weight", "grad_clip"):
             _require(getattr(self, name) >= 0, f"distill.{name}", getattr(self, name), "must be >= 0")
         _require(self.max_nonfinite_in_a_row >= 1, "distill.max_nonfinite_in_a_row", self.max_nonfinite_in_a_row, "must be >= 1")
+        try:
+            window = VideoWindow.parse(self.student_video_window)
+        except ValueError as e:
+            raise ConfigError(f"distill.student_video_window={self.student_video_window}: {e}; e.g. [3] (+-3 latent frames) or null (dense)") from None
+        self.student_video_window = window.halves if window else None
+
+    @property
+    def student_window(self) -> VideoWindow | None:
+        return VideoWindow.parse(self.student_video_window)
 
     @property
     def guidance(self) -> tuple[float, float]:

@@ -196,6 +196,9 @@ class DistillModule(L.LightningModule):
         if student is None or critic is None:
             return
         self.student = student
+        # Sparse attention, if asked, in the student only: it learns to generate with it, against
+        # the dense teacher's scores and a dense critic.
+        self.student.video_window = self.cfg.student_window
         with torch.random.fork_rng(devices=[]):  # the head's initial weights: from the seed alone
             torch.manual_seed(self.run.seed + 1)
             self.critic = Critic(critic, GANHead(self.args.dim), self.gan_layer)

@@ -6,7 +6,8 @@ Forward of one sample:
 - every token: its modality's input projection, then per block one weight set's qkv, head gate,
   output projection and SwiGLU; a `generate` token also its modality's output head;
 - attention: QK^T and PV over the whole sequence, 2 x 2 N^2 dim per block (GQA shares K/V but
-  not the score FLOPs);
+  not the score FLOPs); with a window between video tokens (model/window.py), over the pairs
+  inside it instead of N^2;
 - per (sample, segment): the timestep MLP and modulation, and the output heads' modulation.
 Backward is twice the forward, so a training step is 3x: the "model FLOPs" of MFU, which leave
 out activation-checkpointing recompute (that is the hardware's extra work, not the model's).
@@ -14,6 +15,7 @@ Norms, RoPE, gating and the softmax are not matmuls and are not counted (as in M
 """
 
 from model import ModelArgs, SequenceLayout
+from model.window import VideoWindow, attended_pairs
 
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, dense bf16 (DESIGN.md; the peak bench/ reports MFU against)
 
@@ -27,15 +29,16 @@ def block_matmul_params(args: ModelArgs) -> int:
     return params
 
 
-def forward_flops(layout: SequenceLayout, batch: int = 1, blocks: int | None = None) -> float:
+def forward_flops(layout: SequenceLayout, batch: int = 1, blocks: int | None = None, window: VideoWindow | None = None) -> float:
     """FLOPs of one forward of the model over `batch` samples of `layout`. blocks: a forward that
-    stops after this many blocks and runs no output head (AVTransformer's stop_after_block + 1)."""
+    stops after this many blocks and runs no output head (AVTransformer's stop_after_block + 1).
+    window: the model's video_window (attention over the pairs inside it)."""
     a = layout.args
     d, n = a.dim, layout.n_tokens
     n_blocks = a.n_layers if blocks is None else blocks
     # a text token's input: a byte lookup (no matmul) or a feature projection
     patch = {**a.patch_dims, "text": 0 if a.text_input == "bytes" else a.text_feature_dim}
-    per_sample = 2 * n * n_blocks * block_matmul_params(a) + 4 * n_blocks * n * n * d
+    per_sample = 2 * n * n_blocks * block_matmul_params(a) + 4 * n_blocks * attended_pairs(layout, window) * d
     per_sample += 2 * (a.time_freq_dim * d + d * d + 6 * d * d) * len(layout.segments)
     for seg, length in zip(layout.segments, layout.lengths):
         per_sample += 2 * length * patch[seg.modality] * d

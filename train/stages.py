@@ -248,6 +248,7 @@ def report(run_dir: Path, logger) -> None:
 def run_sample(cfg: DictConfig) -> None:
     import time
 
+    from model.window import VideoWindow
     from train.checkpoint import load_generator
     from train.float8 import apply_float8
     from train.media import write_av_mp4
@@ -256,6 +257,10 @@ def run_sample(cfg: DictConfig) -> None:
 
     if cfg.ckpt in (None, "", "???"):
         raise ConfigError("ckpt is required: ckpt=<run_dir>/export/model.safetensors or a .ckpt")
+    try:
+        window = VideoWindow.parse(cfg.get("video_window"))
+    except ValueError as e:
+        raise ConfigError(f"video_window={cfg.get('video_window')}: {e}; e.g. video_window=[3] (+-3 latent frames) or none (dense)") from None
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 weights on a GPU: what the sampler computes in there anyway (train/sampling.py), at
     # half the memory (hh15b: 30 GB instead of 60).
@@ -263,6 +268,8 @@ def run_sample(cfg: DictConfig) -> None:
     float8 = str(cfg.get("float8", "none"))
     if float8 != "none":
         apply_float8(model, float8, torch.device(device))
+    if cfg.get("video_window") is not None:  # null: the checkpoint's (a student distilled with a window keeps it)
+        model.video_window = window
     # Defaults come from the checkpoint: a teacher samples 50 Euler steps with guidance 5, a
     # distilled student its own K steps without guidance (its guidance is baked in).
     student = meta.get("student")
@@ -291,7 +298,8 @@ def run_sample(cfg: DictConfig) -> None:
     nfe = int(steps) * (2 if guidance.active else 1)
     info = {
         "prompt": str(cfg.prompt), "seed": int(cfg.seed), "steps": int(steps), "sampler": "student" if student else "euler", "cfg_video": guidance.video,
-        "cfg_audio": guidance.audio, "network_evaluations": nfe, "float8": float8, "seconds": round(seconds, 3), "device": device,
+        "cfg_audio": guidance.audio, "network_evaluations": nfe, "float8": float8,
+        "video_window": str(model.video_window) if model.video_window else None, "seconds": round(seconds, 3), "device": device,
         "ckpt": str(cfg.ckpt), "ckpt_step": step, "fps": spec.fps, "frames": spec.frames, "sample_rate": spec.sample_rate,
     }
     out.with_suffix(".json").write_text(json.dumps(info, indent=1))
@@ -363,7 +371,7 @@ def run_distill(cfg: DictConfig) -> None:
     meta = {
         **teacher_meta,
         "model": asdict(args),
-        "student": {"steps": distill.student_steps, "timesteps": distill.student_timesteps},
+        "student": {"steps": distill.student_steps, "timesteps": distill.student_timesteps, "video_window": distill.student_video_window},
         "teacher": {"path": str(Path(cfg.teacher).resolve()), "step": teacher_step},
     }
     module = DistillModule(student, critic, teacher, codec, distill, optim_student, optim_critic, run, meta, teacher_weights=weights)

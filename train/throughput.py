@@ -38,7 +38,7 @@ class ModelFlops:
         inputs = args[0] if args else kwargs["inputs"]
         layout = args[1] if len(args) > 1 else kwargs["layout"]
         stop = kwargs.get("stop_after_block")  # a forward that stops early (the critic's GAN features)
-        flops = forward_flops(layout, inputs[0].shape[0], None if stop is None else stop + 1)
+        flops = forward_flops(layout, inputs[0].shape[0], None if stop is None else stop + 1, net.video_window)
         if torch.is_grad_enabled():
             # The backward: weight and input gradients (2x forward) when the network trains, only
             # input gradients (1x) when it is frozen but sits between a loss and a trained network

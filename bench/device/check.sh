@@ -6,6 +6,7 @@
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
 #   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 330 on an H200, 480 on an H100 (limits: 290 s, 440 s with the H100-only sampling)
 #   call 2:      bash bench/device/check.sh presets zero2 distill  # carry [".whl"], timeout_s: what is left (distill alone: 420 s at its limits, about 250 expected)
+#   or call 2:   bash bench/device/check.sh sparse   # carry [".whl"]: the 1080p student with windowed video attention (limit 300 s)
 #                (presets zero2|zero3 [both|pretrain|distill]; distill alone starts from a teacher
 #                pretrained for one uncompiled step: its quality does not matter for memory and time)
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date, device and lease)
@@ -34,7 +35,7 @@
 # Rehearse on CPU (tiny sizes; the same steps, paths and overrides, plus CPU settings):
 #   AVGEN_REHEARSE=1 bash bench/device/check.sh perf|presets [zero2|zero3] [both|pretrain|distill]     (OUT defaults to /tmp/device_check)
 set -uo pipefail
-part=${1:?usage: bench/device/check.sh perf|presets [zero2|zero3] [both|pretrain|distill]}
+part=${1:?usage: bench/device/check.sh perf|sparse|presets [zero2|zero3] [both|pretrain|distill]}
 stage=${2:-zero2}  # presets: ZeRO-3 ran both stages (lease 1); ZeRO-2 pretraining ran (leases 2, 3), its distillation never finished
 runs=${3:-both}
 OUT=${OUT:-/tmp/device_check}
@@ -105,7 +106,18 @@ if [ "$part" = perf ]; then
     fi
     exit 0
 fi
-[ "$part" = presets ] || { echo "unknown part $part: perf or presets"; exit 2; }
+if [ "$part" = sparse ]; then
+    # 7.3 stretch (38.4 s for the 8-step 5 s 1080p student): attention is 74% of a 1080p layer's
+    # FLOPs, and a window of +-3 (+-2) latent frames between video tokens keeps 21% (15%) of the
+    # video pairs (model/window.py, FlexAttention). Dense first, as this call's baseline; the
+    # blocks' matmuls in FP8 (tensorwise: 59.3 s dense in lease 3). Each window compiles its own
+    # block graphs (FlexAttention's kernel); the bench rewrites its result after each row.
+    HH1080=(--clips 1920x1080x5 --repeats 1)
+    [ -n "$rehearse" ] && HH1080=(--preset tiny --clips 256x256x3 --repeats 1 --device cpu)
+    step 300 sample_window $PY bench/sample.py "${HH1080[@]}" --compile --float8 tensorwise --video-window none 3 2 --tag _window --out "$OUT"
+    exit 0
+fi
+[ "$part" = presets ] || { echo "unknown part $part: perf, sparse or presets"; exit 2; }
 case $stage in zero2|zero3) ;; *) echo "unknown ZeRO stage $stage: zero2 or zero3"; exit 2 ;; esac
 case $runs in both|pretrain|distill) ;; *) echo "unknown runs $runs: both, pretrain or distill"; exit 2 ;; esac
 
