@@ -160,7 +160,11 @@ class TransformerBlock(nn.Module):
 
 @functools.cache
 def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+    # Automatic dynamic shapes (dynamic=None): a second sequence length compiles one dynamic
+    # kernel for all later ones. Static shapes would recompile per length (trimmed captions give
+    # many) and, past dynamo's recompile limit, fall back to the eager path, which computes every
+    # score: out of memory at 1080p.
+    return torch.compile(flex_attention)
 
 
 def windowed_attention(q, k, v, block_mask: BlockMask, gqa: bool) -> torch.Tensor:

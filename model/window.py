@@ -49,6 +49,8 @@ class VideoWindow:
         half-widths t[,h[,w]], each an integer or "all"/None for the whole axis; "3" is +-3 frames."""
         if halves is None or (isinstance(halves, str) and halves.strip().lower() in ("", "none", "dense")):
             return None
+        if isinstance(halves, int):  # video_window=3 on the command line
+            halves = [halves]
         items = halves.split(",") if isinstance(halves, str) else list(halves)
         if not 1 <= len(items) <= 3:
             raise ValueError(f"VideoWindow {halves!r}: give one to three half-widths t[,h[,w]]")
@@ -127,11 +129,16 @@ def _dense(layout, window, device, key_mask) -> torch.Tensor:
 def _build(layout, window, device, key_mask) -> BlockMask:
     n = layout.n_tokens
     batch = None if key_mask is None else key_mask.shape[0]
+    # On a GPU the mask is evaluated tile by tile in a compiled kernel; the plain path would first
+    # materialise all N^2 pairs (4e9 at 1080p).
+    create = _compiled_create_block_mask() if device.type == "cuda" else create_block_mask
     with torch.inference_mode(False):  # a mask made while sampling must still serve a training forward
-        # On a GPU the mask is evaluated tile by tile in a compiled kernel; the plain path would
-        # first materialise all N^2 pairs (4e9 at 1080p).
-        return create_block_mask(window_mask_mod(layout, window, device, key_mask), batch, None, n, n,
-                                 device=device, BLOCK_SIZE=TILE, _compile=device.type == "cuda")
+        return create(window_mask_mod(layout, window, device, key_mask), batch, None, n, n, device=device, BLOCK_SIZE=TILE)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    return torch.compile(create_block_mask)  # PyTorch 2.11's advice, for its deprecated _compile=True
 
 
 @functools.lru_cache(maxsize=32)

@@ -103,3 +103,10 @@ def test_model_preset_that_disagrees_with_the_codec_is_refused():
     codec = instantiate(cfg.codec)
     with pytest.raises(ConfigError, match=r"model.audio_channels=7 but the codec"):
         fill_model_from_codec(cfg.model, codec, 12, 8000)
+
+
+def test_windowed_student_with_selective_checkpointing_needs_compile_on_a_gpu(tmp_path):
+    out = run("distill", f"hydra.run.dir={tmp_path}", f"teacher={tmp_path / 'nope.safetensors'}", "distill.student_video_window=[2]",
+              "activation_checkpointing=selective", "compile=false", "trainer.accelerator=gpu")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "distill.student_video_window with activation_checkpointing=selective on a GPU needs compile=true" in out.stderr

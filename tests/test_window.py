@@ -37,6 +37,15 @@ def hand_mask(layout, window: VideoWindow) -> torch.Tensor:
     return mask
 
 
+def tiles_with_pairs(mask: torch.Tensor, tile: int = 128) -> torch.Tensor:
+    """(N, N) pair mask -> (tiles, tiles): True where a tile holds at least one attended pair."""
+    n = mask.shape[-1]
+    t = -(-n // tile)
+    padded = torch.zeros(t * tile, t * tile, dtype=torch.bool)
+    padded[:n, :n] = mask
+    return padded.view(t, tile, t, tile).any(dim=3).any(dim=1)
+
+
 @pytest.mark.parametrize("segments,window", [([TEXT, LONG, AUDIO], VideoWindow(t=2)), (I2V, VideoWindow(t=1, h=1)), ([TEXT, LONG], VideoWindow(t=0, h=0, w=0))])
 def test_windowed_attention_equals_sdpa_with_the_hand_built_mask(segments, window):
     args = tiny_args()
@@ -49,10 +58,11 @@ def test_windowed_attention_equals_sdpa_with_the_hand_built_mask(segments, windo
     block_mask = window_block_mask(layout, window, cpu)
     mask = hand_mask(layout, window)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    # FlexAttention with the block mask (the GPU's path), and the dense mask (the CPU's)
+    # FlexAttention (eager on CPU: the mask_mod over every pair) and the dense mask (the CPU's path)
     torch.testing.assert_close(windowed_attention(q, k, v, block_mask, gqa=True), want, atol=1e-5, rtol=1e-5)
     assert torch.equal(window_dense_mask(layout, window, cpu)[0, 0], mask)
-    # Tiles outside every window are skipped, not computed and masked.
+    # The block mask's tiles (what the GPU kernel computes) are exactly those holding an attended pair.
+    assert torch.equal(block_mask.to_dense()[0, 0].bool(), tiles_with_pairs(mask))
     assert computed_fraction(block_mask) < 1.0
     video = torch.tensor([s.modality == "video" for s, n in zip(layout.segments, layout.lengths) for _ in range(n)])
     pairs = mask[video][:, video]
@@ -94,7 +104,28 @@ def test_video_outside_the_window_does_not_reach_a_token_in_one_layer():
     assert (after[1][:, :, 2:] - before[1][:, :, 2:]).abs().max() > 1e-3
 
 
-def test_key_mask_goes_into_the_block_mask():
+def test_key_mask_goes_into_both_masks_per_sample():
+    """With a key mask the masks get a batch dimension: per sample, the window and that sample's
+    padding; the block mask's tiles follow, and FlexAttention equals SDPA with the dense mask."""
+    args = tiny_args()
+    layout = AVTransformer(args).layout([TEXT, LONG, AUDIO])
+    window, cpu, n = VideoWindow(t=1), torch.device("cpu"), layout.n_tokens
+    key_mask = torch.ones(2, n, dtype=torch.bool)
+    key_mask[1, 3:8] = False
+    dense = window_dense_mask(layout, window, cpu, key_mask)
+    want = hand_mask(layout, window)
+    assert dense.shape == (2, 1, n, n) and torch.equal(dense[0, 0], want) and torch.equal(dense[1, 0], want & key_mask[1])
+    block_mask = window_block_mask(layout, window, cpu, key_mask)
+    for b in range(2):
+        assert torch.equal(block_mask.to_dense()[b, 0].bool(), tiles_with_pairs(dense[b, 0]))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, args.n_heads, n, args.head_dim, generator=g)
+    k, v = (torch.randn(2, args.n_kv_heads, n, args.head_dim, generator=g) for _ in range(2))
+    torch.testing.assert_close(windowed_attention(q, k, v, block_mask, gqa=True),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True), atol=1e-5, rtol=1e-5)
+
+
+def test_key_mask_stays_hidden_under_a_window():
     """Padding hidden by the key mask stays hidden under a window: changing it changes nothing."""
     model = randomized(AVTransformer(tiny_args())).eval()
     model.video_window = VideoWindow(t=1)
@@ -154,7 +185,7 @@ def test_bad_windows_are_refused(bad):
         VideoWindow(**bad)
 
 
-@pytest.mark.parametrize("spec,want", [(None, None), ("none", None), ("3", VideoWindow(3)), ("3,all,5", VideoWindow(3, None, 5)),
+@pytest.mark.parametrize("spec,want", [(None, None), ("none", None), ("3", VideoWindow(3)), (3, VideoWindow(3)), ("3,all,5", VideoWindow(3, None, 5)),
                                        ([2, None], VideoWindow(2, None)), ([0, 1, 2], VideoWindow(0, 1, 2))])
 def test_window_parse(spec, want):
     assert VideoWindow.parse(spec) == want
@@ -164,6 +195,14 @@ def test_window_parse(spec, want):
 def test_window_parse_refuses(spec):
     with pytest.raises(ValueError, match="VideoWindow"):
         VideoWindow.parse(spec)
+
+
+def test_selective_checkpointing_keeps_flex_attention():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from train.parallelize import _selective_policy
+
+    assert _selective_policy(None, torch.ops.higher_order.flex_attention) == CheckpointPolicy.MUST_SAVE
 
 
 def test_distill_config_names_a_bad_student_window():

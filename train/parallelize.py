@@ -38,6 +38,9 @@ _ATTENTION_OPS = (
 SAVED_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default} | {
     getattr(torch.ops.aten, name).default for name in _ATTENTION_OPS if hasattr(torch.ops.aten, name)
 }
+# Windowed attention (model/window.py) reaches the policy as FlexAttention's higher-order op, on
+# a GPU only (CPU runs the window through SDPA): kept too (not run on a GPU yet).
+SAVED_OPS.add(torch.ops.higher_order.flex_attention)
 
 
 def attention_backends(order=DEFAULT_ATTENTION_ORDER) -> contextlib.AbstractContextManager:

@@ -92,11 +92,15 @@ def run_config(cfg: DictConfig, run_dir: Path) -> RunConfig:
     run_fields = {f.name for f in fields(RunConfig)} - {"run_dir"}
     run = to_object(RunConfig, OmegaConf.create({"run_dir": str(run_dir), **{k: cfg[k] for k in run_fields if k in cfg}}), "run")
     # float8 against the device the run will train on, before any data, model or process group
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    on_gpu = trains_on_gpu(cfg)
     if not on_gpu or torch.cuda.is_available():  # a GPU asked for and absent: Lightning says so
         check_float8(run.float8, torch.device("cuda" if on_gpu else "cpu"))
     return run
+
+
+def trains_on_gpu(cfg: DictConfig) -> bool:
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def prepare_data(cfg: DictConfig):
@@ -320,6 +324,11 @@ def run_distill(cfg: DictConfig) -> None:
     trainer_cfg = cfg.trainer
     if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
         raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")
+    if distill.student_window and run.activation_checkpointing == "selective" and not run.compile and trains_on_gpu(cfg):
+        # Selective checkpointing runs an eager block's ops under a dispatch mode that skips
+        # FlexAttention's own compilation (pytorch/torchtitan#1631): every score computed.
+        raise ConfigError("distill.student_video_window with activation_checkpointing=selective on a GPU needs compile=true "
+                          "(uncompiled blocks under selective checkpointing run FlexAttention unfused); or use activation_checkpointing=full")
 
     import lightning as L
 

@@ -114,7 +114,8 @@ if [ "$part" = sparse ]; then
     # block graphs (FlexAttention's kernel); the bench rewrites its result after each row.
     HH1080=(--clips 1920x1080x5 --repeats 1)
     [ -n "$rehearse" ] && HH1080=(--preset tiny --clips 256x256x3 --repeats 1 --device cpu)
-    step 300 sample_window $PY bench/sample.py "${HH1080[@]}" --compile --float8 tensorwise --video-window none 3 2 --tag _window --out "$OUT"
+    # recompiles logged: each window adds block graphs, and fullgraph stops at the variant limit
+    step 300 sample_window env TORCH_LOGS=recompiles $PY bench/sample.py "${HH1080[@]}" --compile --float8 tensorwise --video-window none 3 2 --tag _window --out "$OUT"
     exit 0
 fi
 [ "$part" = presets ] || { echo "unknown part $part: perf, sparse or presets"; exit 2; }
