@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model import AVTransformer, Segment
-from model.block import windowed_attention
-from model.block import BlockContext
+from model.block import BlockContext, windowed_attention
 from model.transformer import rope_tables
 from model.window import VideoWindow, computed_fraction, video_pairs_kept, window_block_mask, window_dense_mask
 from tests.test_model import make_inputs, randomized, tiny_args
