@@ -74,10 +74,15 @@ class VideoWindow:
         return "x".join("all" if v is None else str(v) for v in (self.t, self.h, self.w))
 
 
+def _video_tokens(layout: SequenceLayout, device=None) -> torch.Tensor:
+    """(N,) bool: which tokens are video."""
+    return torch.cat([torch.full((n,), s.modality == "video", dtype=torch.bool, device=device)
+                      for s, n in zip(layout.segments, layout.lengths)])
+
+
 def window_mask_mod(layout: SequenceLayout, window: VideoWindow, device, key_mask: torch.Tensor | None = None):
     """The mask as FlexAttention's mask_mod(b, h, q, k) -> bool (True: attend)."""
-    video = torch.cat([torch.full((n,), s.modality == "video", dtype=torch.bool, device=device)
-                       for s, n in zip(layout.segments, layout.lengths)])
+    video = _video_tokens(layout, device)
     pos = layout.positions_on(device)  # (N, 3): video tokens at (frame + t_offset, row, column)
     axes = [(pos[:, i].contiguous(), half) for i, half in enumerate((window.t, window.h, window.w)) if half is not None]
     keys = None if key_mask is None else key_mask.to(device=device, dtype=torch.bool)
@@ -91,42 +96,38 @@ def window_mask_mod(layout: SequenceLayout, window: VideoWindow, device, key_mas
     return mask_mod
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_block_mask(layout: SequenceLayout, window: VideoWindow, device: torch.device) -> BlockMask:
-    return _build(layout, window, device, None)
-
-
 def window_block_mask(layout: SequenceLayout, window: VideoWindow, device: torch.device, key_mask: torch.Tensor | None = None) -> BlockMask:
-    """The block mask of `window` over `layout`'s tokens. Without a key mask it depends on the
-    layout alone and is cached: a sampler builds it once and reuses it for every step and layer."""
-    device = torch.device(device)
-    if key_mask is None:
-        return _cached_block_mask(layout, window, device)
-    return _build(layout, window, device, key_mask)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_dense_mask(layout: SequenceLayout, window: VideoWindow, device: torch.device) -> torch.Tensor:
-    return _dense(layout, window, device, None)
+    """The block mask of `window` over `layout`'s tokens, for FlexAttention (a GPU's path).
+    Without a key mask it depends on the layout alone and is cached: a sampler builds it once
+    and reuses it for every step and layer."""
+    return _made_once(_block_mask, layout, window, torch.device(device), key_mask)
 
 
 def window_dense_mask(layout: SequenceLayout, window: VideoWindow, device: torch.device, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The same pattern as a (B or 1, 1, N, N) boolean mask for scaled_dot_product_attention:
     what the CPU runs (exact, fast at CPU sizes, and with a backward, which FlexAttention lacks
-    on CPU). N^2 booleans: not for GPU-sized sequences."""
-    device = torch.device(device)
+    on CPU). N^2 booleans: not for GPU-sized sequences. Cached like the block mask."""
+    return _made_once(_dense_mask, layout, window, torch.device(device), key_mask)
+
+
+def _made_once(make, layout, window, device, key_mask):
     if key_mask is None:
-        return _cached_dense_mask(layout, window, device)
-    return _dense(layout, window, device, key_mask)
+        return _cached(make, layout, window, device)
+    return make(layout, window, device, key_mask)
 
 
-def _dense(layout, window, device, key_mask) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _cached(make, layout, window, device):
+    return make(layout, window, device, None)
+
+
+def _dense_mask(layout, window, device, key_mask) -> torch.Tensor:
     n = layout.n_tokens
     with torch.inference_mode(False):
         return create_mask(window_mask_mod(layout, window, device, key_mask), 1 if key_mask is None else key_mask.shape[0], 1, n, n, device=device)
 
 
-def _build(layout, window, device, key_mask) -> BlockMask:
+def _block_mask(layout, window, device, key_mask) -> BlockMask:
     n = layout.n_tokens
     batch = None if key_mask is None else key_mask.shape[0]
     # On a GPU the mask is evaluated tile by tile in a compiled kernel; the plain path would first
@@ -148,7 +149,7 @@ def attended_pairs(layout: SequenceLayout, window: VideoWindow | None) -> float:
     n = layout.n_tokens
     if window is None:
         return float(n * n)
-    n_video = sum(length for s, length in zip(layout.segments, layout.lengths) if s.modality == "video")
+    n_video = int(_video_tokens(layout).sum())
     return float(n * n - n_video * n_video * (1.0 - video_pairs_kept(layout, window)))
 
 
@@ -156,8 +157,7 @@ def video_pairs_kept(layout: SequenceLayout, window: VideoWindow) -> float:
     """Fraction of (video query, video key) pairs inside the window: the sparsity of the pattern
     itself, before tiling. Exact when the video tokens form one (t, h, w) grid (a T2V clip, or
     I2V's conditioning frame plus the generated ones), axis by axis."""
-    video = torch.cat([torch.full((n,), s.modality == "video", dtype=torch.bool) for s, n in zip(layout.segments, layout.lengths)])
-    pos = layout.positions[video]
+    pos = layout.positions[_video_tokens(layout)]
     kept = 1.0
     for i, half in enumerate((window.t, window.h, window.w)):
         if half is None:

@@ -45,14 +45,19 @@ def tiles_with_pairs(mask: torch.Tensor, tile: int = 128) -> torch.Tensor:
     return padded.view(t, tile, t, tile).any(dim=3).any(dim=1)
 
 
+def random_qkv(args, n: int, seed: int):
+    """Queries (2, heads, n, head_dim) and grouped keys and values (2, kv_heads, n, head_dim)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, args.n_heads, n, args.head_dim, generator=g)
+    k, v = (torch.randn(2, args.n_kv_heads, n, args.head_dim, generator=g) for _ in range(2))
+    return q, k, v
+
+
 @pytest.mark.parametrize("segments,window", [([TEXT, LONG, AUDIO], VideoWindow(t=2)), (I2V, VideoWindow(t=1, h=1)), ([TEXT, LONG], VideoWindow(t=0, h=0, w=0))])
 def test_windowed_attention_equals_sdpa_with_the_hand_built_mask(segments, window):
     args = tiny_args()
     layout = AVTransformer(args).layout(segments)
-    g = torch.Generator().manual_seed(0)
-    n, hd = layout.n_tokens, args.head_dim
-    q = torch.randn(2, args.n_heads, n, hd, generator=g)
-    k, v = (torch.randn(2, args.n_kv_heads, n, hd, generator=g) for _ in range(2))
+    q, k, v = random_qkv(args, layout.n_tokens, seed=0)
     cpu = torch.device("cpu")
     block_mask = window_block_mask(layout, window, cpu)
     mask = hand_mask(layout, window)
@@ -117,9 +122,7 @@ def test_key_mask_goes_into_both_masks_per_sample():
     block_mask = window_block_mask(layout, window, cpu, key_mask)
     for b in range(2):
         assert torch.equal(block_mask.to_dense()[b, 0].bool(), tiles_with_pairs(dense[b, 0]))
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(2, args.n_heads, n, args.head_dim, generator=g)
-    k, v = (torch.randn(2, args.n_kv_heads, n, args.head_dim, generator=g) for _ in range(2))
+    q, k, v = random_qkv(args, n, seed=3)
     torch.testing.assert_close(windowed_attention(q, k, v, block_mask, gqa=True),
                                F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True), atol=1e-5, rtol=1e-5)
 

@@ -261,10 +261,11 @@ def run_sample(cfg: DictConfig) -> None:
 
     if cfg.ckpt in (None, "", "???"):
         raise ConfigError("ckpt is required: ckpt=<run_dir>/export/model.safetensors or a .ckpt")
+    window_option = cfg.get("video_window")  # null: the checkpoint's (a student distilled with a window keeps it)
     try:
-        window = VideoWindow.parse(cfg.get("video_window"))
+        window = VideoWindow.parse(window_option)
     except ValueError as e:
-        raise ConfigError(f"video_window={cfg.get('video_window')}: {e}; e.g. video_window=[3] (+-3 latent frames) or none (dense)") from None
+        raise ConfigError(f"video_window={window_option}: {e}; e.g. video_window=[3] (+-3 latent frames) or none (dense)") from None
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     # bf16 weights on a GPU: what the sampler computes in there anyway (train/sampling.py), at
     # half the memory (hh15b: 30 GB instead of 60).
@@ -272,7 +273,7 @@ def run_sample(cfg: DictConfig) -> None:
     float8 = str(cfg.get("float8", "none"))
     if float8 != "none":
         apply_float8(model, float8, torch.device(device))
-    if cfg.get("video_window") is not None:  # null: the checkpoint's (a student distilled with a window keeps it)
+    if window_option is not None:
         model.video_window = window
     # Defaults come from the checkpoint: a teacher samples 50 Euler steps with guidance 5, a
     # distilled student its own K steps without guidance (its guidance is baked in).
