@@ -27,9 +27,12 @@ Captions:
   (2026-11-26), steps of new lengths took 0.570 s against 0.495 s for one static shape, with no
   more GPU busy time: host time, whose operators --profile's "host" list names.
 
-Reports per case: step time (median of the timed steps, each also listed; the device is
-synchronised around each step by the timer only), the graphs dynamo compiled during the timed steps
-(0 unless a shape broke a guard), the first step's time (compilation included), tokens/s (the
+Reports per case: step time (the timed steps as one window over whole loop iterations, divided by
+their number; the device is synchronised only at the window's ends, so a step's host work overlaps
+the previous step's kernels as in training; up to 2026-11-26's lease 4 the device was synchronised
+around each step, which added each step's host work before its first kernel: 14-20 ms of the
+proxy's 16K step), the graphs dynamo compiled during the timed steps (0 unless a shape broke a
+guard), the first step's time (compilation included), tokens/s (the
 clip's tokens at the full text length, as training's perf/tokens_per_sec) and model TFLOP/s over
 the timed steps (train/flops.py: 3 x forward matmuls and attention, no recompute, of the sequence
 the model ran: trimmed captions count their own length), MFU against 989 TFLOP/s (the bf16 dense
@@ -112,14 +115,18 @@ def clip_for_tokens(target: int, codec: PatchCodec, args: ModelArgs, frames: int
 
 
 class StepTimer(L.Callback):
-    """Wall time of each training step (data transfer to optimizer step and EMA), the device
-    synchronised on both sides; FLOPs counted by the same hook as training's perf/mfu; whether
-    the step's forward had an attention key mask; how many graphs dynamo compiled in the timed
-    steps (0 unless a shape broke a guard: then a step's time holds a compilation)."""
+    """Time of the steps warmup .. stop - 1 as one window, from the start of step `warmup` to the
+    start of step `stop`: whole loop iterations (data, forward, backward, optimizer step, EMA,
+    Lightning's bookkeeping, the next batch's copy to the device), the device synchronised only at
+    the window's two ends, so steps overlap on the host and the device as in training (a sync in
+    the step itself shows as GPU idle time here). The first step, compilation included, is timed
+    on its own. FLOPs counted by the same hook as training's perf/mfu; whether each step's forward
+    had an attention key mask; how many graphs dynamo compiled in the window (0 unless a shape
+    broke a guard: then the window holds a compilation)."""
 
     def __init__(self, warmup: int, stop: int):
-        self.warmup, self.stop, self.first_step_s = warmup, stop, None
-        self.times, self.flops, self.tokens, self.masked = [], [], [], []
+        self.warmup, self.stop, self.first_step_s, self.window_s = warmup, stop, None, None
+        self.flops, self.tokens, self.masked = [], [], []
         self.graphs_at_start = self.graphs_compiled_timed = None
 
     def on_train_start(self, trainer, module):  # after configure_model has built the model
@@ -129,66 +136,65 @@ class StepTimer(L.Callback):
     def _see_mask(self, net, args, kwargs):
         self.step_masked |= (args[3] if len(args) > 3 else kwargs.get("key_mask")) is not None
 
-    def _sync(self, module):
+    def _now(self, module) -> float:
         if module.device.type == "cuda":
             torch.cuda.synchronize()
+        return time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if batch_idx == self.warmup and module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        self._sync(module)
-        self.counter.total, self.counter.counting = 0.0, True
-        self.step_masked = False
+        if batch_idx in (0, self.warmup):
+            self.start = self._now(module)
         if batch_idx == self.warmup:
             self.graphs_at_start = dynamo_counters["stats"]["unique_graphs"]
-        self.start = time.perf_counter()
+        if batch_idx == self.stop:
+            self.window_s = self._now(module) - self.start
+            self.graphs_compiled_timed = dynamo_counters["stats"]["unique_graphs"] - self.graphs_at_start
+        self.counter.total, self.counter.counting = 0.0, True
+        self.step_masked = False
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self._sync(module)
         self.counter.counting = False
-        elapsed = time.perf_counter() - self.start
         if batch_idx == 0:
-            self.first_step_s = elapsed
+            self.first_step_s = self._now(module) - self.start
         if self.warmup <= batch_idx < self.stop:
-            self.times.append(elapsed)
             self.flops.append(self.counter.total)
             self.tokens.append(module.tokens_in_step)
             self.masked.append(self.step_masked)
-        if batch_idx == self.stop - 1:
-            self.graphs_compiled_timed = dynamo_counters["stats"]["unique_graphs"] - self.graphs_at_start
 
 
 class StepProfiler(L.Callback):
-    """torch.profiler over one training step (batch `at`, after the timed ones, so the timings
-    carry no profiler overhead): the `top` operators by self time on the device (on the host
-    when there is no GPU), with their share of the step's total, to split a step's time by
-    kernel (matmuls, attention, optimizer, elementwise) within one device call; on a GPU also
-    the `host_top` host operators, for a step whose time the GPU's busy time does not explain."""
+    """torch.profiler over one whole loop iteration, from the start of batch `at` (after the timed
+    window) to the start of the next, so the timings carry no profiler overhead: the `top`
+    operators by self time on the device (on the host when there is no GPU), with their share of
+    the total, to split a step's time by kernel (matmuls, attention, optimizer, elementwise)
+    within one device call; on a GPU also the `host_top` host operators, for a step whose time
+    the GPU's busy time does not explain, and the calls that wait for the GPU (`host_syncs`:
+    none in a step free of host syncs)."""
 
     def __init__(self, at: int, top: int = 30, host_top: int = 15):
         self.at, self.top, self.host_top, self.error = at, top, host_top, None
-        self.rows, self.total_ms, self.host = [], None, None
+        self.rows, self.total_ms, self.host, self.syncs = [], None, None, None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        on_gpu = module.device.type == "cuda"
         if batch_idx == self.at:
             activities = [torch.profiler.ProfilerActivity.CPU]
-            if module.device.type == "cuda":
+            if on_gpu:
                 torch.cuda.synchronize()
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.prof = torch.profiler.profile(activities=activities)
             self.prof.start()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        if batch_idx != self.at:
-            return
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.prof.stop()
-        try:
-            self._summarise(module.device.type == "cuda")
-        except Exception as e:  # a profile is extra: it must not cost the case its timings
-            self.error = f"{type(e).__name__}: {e}"
-            print(f"profile failed: {self.error}")
+        elif batch_idx == self.at + 1:
+            if on_gpu:
+                torch.cuda.synchronize()
+            self.prof.stop()
+            try:
+                self._summarise(on_gpu)
+            except Exception as e:  # a profile is extra: it must not cost the case its timings
+                self.error = f"{type(e).__name__}: {e}"
+                print(f"profile failed: {self.error}")
 
     def _summarise(self, on_gpu: bool):
         averages = self.prof.key_averages()
@@ -202,6 +208,10 @@ class StepProfiler(L.Callback):
             # than the GPU's busy time), the operators that made it wait are at the top here
             host_ms, host_rows = ranked([(e.self_cpu_time_total, e) for e in host], self.host_top)
             self.host = {"total_ms": host_ms, "top": host_rows}
+            self.syncs = {e.key: e.count for e in host if "Synchronize" in e.key}
+            # less the profiler's own, before it stops
+            self.syncs["cudaDeviceSynchronize"] = self.syncs.get("cudaDeviceSynchronize", 1) - 1
+            self.syncs = {k: n for k, n in self.syncs.items() if n}
         else:
             self.total_ms, self.rows = ranked([(e.self_cpu_time_total, e) for e in host], self.top)
 
@@ -223,6 +233,8 @@ def profile_table(profile: dict) -> str:
     lines = part(f"profile of one step on the {profile['clock']}", profile["total_ms"], profile["top"])
     if "host" in profile:
         lines += ["", *part("the same step on the host", profile["host"]["total_ms"], profile["host"]["top"])]
+        syncs = profile.get("host_syncs") or {}
+        lines += ["", "host waits for the GPU in the step: " + (", ".join(f"{k} x{n}" for k, n in syncs.items()) or "none")]
     return "\n".join(lines)
 
 
@@ -246,7 +258,9 @@ def run_case(args, tokens_target: int, text: str, float8: str, device: torch.dev
     }
     if device.type == "cuda":
         batch = {k: v.pin_memory() for k, v in batch.items()}
-    n_steps = args.warmup + args.steps + (1 if args.profile else 0)  # the profiled step comes after the timed ones
+    # the timed window ends at the start of the step after it; the profiled step comes after the
+    # window and ends at the start of the next
+    n_steps = args.warmup + args.steps + (2 if args.profile else 1)
     step_captions = [CAPTIONS[text][i % len(CAPTIONS[text])] for i in range(n_steps)]
     trim_text = text != "padded"  # RunConfig.trim_text: every case but the one of training before it
     batches = [{**batch, "caption": [caption] * args.batch} for caption in step_captions]
@@ -270,8 +284,8 @@ def run_case(args, tokens_target: int, text: str, float8: str, device: torch.dev
         with attention_backends(run.attention_backends):
             trainer.fit(module, train_dataloaders=loader)
 
-    step_s = statistics.median(timer.times)
-    flops_per_s = sum(timer.flops) / sum(timer.times)
+    step_s = timer.window_s / args.steps
+    flops_per_s = sum(timer.flops) / timer.window_s
     row = {
         "preset": args.preset, "params": count_parameters(module.model), "layers": margs.n_layers, "dim": margs.dim,
         "batch": args.batch, "clip": f"{frames} frames {w}x{h}", "tokens_per_sample": tokens,
@@ -279,8 +293,8 @@ def run_case(args, tokens_target: int, text: str, float8: str, device: torch.dev
         "key_mask": any(timer.masked), "graphs_compiled_in_timed_steps": timer.graphs_compiled_timed,
         "activation_checkpointing": args.ac, "compile": args.compile, "float8": float8,
         "float8_layers": sum(type(m).__name__ == "Float8Linear" for m in module.model.modules()), "attention": args.attention,
-        "steps_timed": len(timer.times), "step_s": step_s, "step_times_s": [round(t, 4) for t in timer.times], "step_s_min": min(timer.times), "first_step_s": timer.first_step_s,
-        "tokens_per_s": sum(timer.tokens) / sum(timer.times), "model_flops_per_step": statistics.median(timer.flops),
+        "steps_timed": len(timer.flops), "step_s": step_s, "timing": "window", "first_step_s": timer.first_step_s,
+        "tokens_per_s": sum(timer.tokens) / timer.window_s, "model_flops_per_step": statistics.median(timer.flops),
         "model_tflops_per_s": float(f"{flops_per_s / 1e12:.4g}"),
         # against the H100's dense bf16 peak and the reference block: meaningless on a CPU
         "mfu": round(flops_per_s / H100_BF16_DENSE_FLOPS, 4) if device.type == "cuda" else None,
@@ -291,6 +305,7 @@ def run_case(args, tokens_target: int, text: str, float8: str, device: torch.dev
         row["profile"] = {"clock": "GPU" if device.type == "cuda" else "CPU", "total_ms": profiler.total_ms, "top": profiler.rows}
         if profiler.host is not None:
             row["profile"]["host"] = profiler.host
+            row["profile"]["host_syncs"] = profiler.syncs
         if profiler.error:
             row["profile"]["error"] = profiler.error
         else:

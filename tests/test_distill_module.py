@@ -30,7 +30,7 @@ def make_module(ema_decay=0.0, trim_text=True, **distill):
     meta["student"] = {"steps": 4, "timesteps": None}
     cfg = DistillConfig(student_steps=4, **distill)
     optim = OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant", betas=(0.9, 0.999))
-    return DistillModule(student, critic, teacher, codec, cfg, optim, optim, RunConfig(run_dir="unused", ema_decay=ema_decay, trim_text=trim_text), meta)
+    return DistillModule(student, critic, teacher, codec, cfg, optim, optim, RunConfig(run_dir="unused", ema_decay=ema_decay, ema_every_n_steps=1, trim_text=trim_text), meta)
 
 
 def snapshot(module):

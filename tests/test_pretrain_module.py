@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from model import AVTransformer, ModelArgs
 from train.checkpoint import describe, export_safetensors, load_generator
 from train.codec import PatchCodec
-from train.config import FlowConfig, OptimConfig, RunConfig
+from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
 from train.pretrain import PretrainModule, audio_latent_mask, lr_factor
 
@@ -50,14 +50,14 @@ def tiny_args(codec: PatchCodec, dim: int) -> ModelArgs:
                      text_input="bytes", text_feature_dim=0, audio_latents_per_video_frame=codec.audio_latents_per_video_frame(FPS, SR))
 
 
-def make_module(lr=3e-3, ema_decay=0.9, trim_text=True, **flow):
+def make_module(lr=3e-3, ema_decay=0.9, trim_text=True, ema_every=1, **flow):
     codec = PatchCodec()
     args = tiny_args(codec, 48)
     torch.manual_seed(0)
     model = AVTransformer(args)
     flow_cfg = FlowConfig(caption_dropout=0.0, text_len=16, **flow)
     meta = describe(model.args, codec, FPS, SR, 1, flow_cfg.text_len, flow_cfg.shift_args)
-    return PretrainModule(model, codec, flow_cfg, OptimConfig(lr=lr, warmup_steps=5, schedule="constant"), RunConfig(run_dir="unused", ema_decay=ema_decay, trim_text=trim_text), meta)
+    return PretrainModule(model, codec, flow_cfg, OptimConfig(lr=lr, warmup_steps=5, schedule="constant"), RunConfig(run_dir="unused", ema_decay=ema_decay, ema_every_n_steps=ema_every, trim_text=trim_text), meta)
 
 
 class LossRecorder(L.Callback):
@@ -118,7 +118,6 @@ def test_lazy_export_reads_what_the_eager_one_does(tmp_path):
     """read_weights(lazy=True): names and shapes up front, tensors read when used (the ZeRO-3
     distill build reads the teacher this way), and a model that does not fit is named."""
     from train.checkpoint import SafetensorsWeights, check_fits, load_into, read_weights
-    from train.config import ConfigError
 
     module = make_module()
     path = export_safetensors(tmp_path / "m.safetensors", dict(module.model.named_parameters()), module.meta, 0, "raw")
@@ -138,7 +137,7 @@ def test_lazy_export_reads_what_the_eager_one_does(tmp_path):
 def test_ema_update_rule():
     lin = torch.nn.Linear(2, 2)
     ema = EMA(lin, 0.9)
-    ema.updates = 100  # past the warm-up: the decay is 0.9
+    ema.updates = ema.folded = 100  # past the warm-up: the decay is 0.9
     before = lin.weight.detach().clone()
     with torch.no_grad():
         lin.weight.add_(1.0)
@@ -154,6 +153,48 @@ def test_ema_update_rule():
         lin.weight.add_(1.0)
     fresh.update()
     torch.testing.assert_close(fresh.named_weights()["weight"], lin.weight.detach() - 0.1)
+
+
+def ema_run(every: int, steps: int, hold: int = 1, resume_at: int | None = None) -> list[torch.Tensor]:
+    """The EMA's shadow after each of `steps` optimizer steps of a linear layer whose weights move
+    every `hold` steps; with resume_at, through a state_dict saved and loaded into a fresh EMA."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    ema, shadows = EMA(lin, 0.9, every), []
+    for step in range(1, steps + 1):
+        if (step - 1) % hold == 0:
+            with torch.no_grad():
+                lin.weight.add_(torch.full_like(lin.weight, float(step)))
+        ema.update()
+        if step == resume_at:
+            state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ema.state_dict().items()}
+            ema = EMA(lin, 0.9, every)
+            ema.load_state_dict(state)
+        shadows.append(ema.named_weights()["weight"].clone())
+    return shadows
+
+
+def test_ema_every_n_steps_folds_n_steps_of_held_weights_exactly():
+    every_step, every_4 = ema_run(1, 16, hold=4), ema_run(4, 16, hold=4)
+    # weights held for 4 steps: folding them in once with the 4 steps' decay (warm-up included)
+    # is the per-step EMA, at every fold
+    for step in (4, 8, 12, 16):
+        torch.testing.assert_close(every_4[step - 1], every_step[step - 1])
+    # between folds the shadow stays as it was
+    assert all(torch.equal(every_4[s], every_4[3]) for s in (4, 5, 6))
+    assert not torch.equal(every_4[7], every_4[3])
+    # weights that move every step: close to, not equal to, the per-step EMA
+    moving_1, moving_4 = ema_run(1, 40), ema_run(4, 40)
+    assert not torch.equal(moving_4[-1], moving_1[-1])
+    assert (moving_4[-1] - moving_1[-1]).abs().max() < 0.25 * (moving_1[-1] - ema_run(1, 1)[0]).abs().max()
+
+
+def test_ema_resumes_between_folds_as_the_uninterrupted_run():
+    whole = ema_run(4, 14)
+    resumed = ema_run(4, 14, resume_at=6)  # two steps past a fold
+    assert all(torch.equal(a, b) for a, b in zip(whole, resumed))
+    with pytest.raises(ConfigError, match="ema_every_n_steps=0: must be >= 1"):
+        RunConfig(run_dir="unused", ema_every_n_steps=0)
 
 
 def test_lr_schedule_warmup_then_cosine():

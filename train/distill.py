@@ -55,6 +55,7 @@ from train.dmd import (
 from train.ema import EMA
 from train.float8 import apply_float8
 from train.flow import add_noise, shift_for_tokens
+from train.metrics import host_scalar, loggable
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.checkpoint import export_weights, load_into, model_args
 from train.pretrain import adamw, build_model, lr_factor, step_generator
@@ -202,7 +203,7 @@ class DistillModule(L.LightningModule):
         with torch.random.fork_rng(devices=[]):  # the head's initial weights: from the seed alone
             torch.manual_seed(self.run.seed + 1)
             self.critic = Critic(critic, GANHead(self.args.dim), self.gan_layer)
-        self.ema = EMA(student, self.run.ema_decay) if self.run.ema_decay > 0 else None
+        self.ema = EMA(student, self.run.ema_decay, self.run.ema_every_n_steps) if self.run.ema_decay > 0 else None
 
     def _build_networks(self):
         """configure_model: the networks not given, built from the teacher's weights."""
@@ -301,15 +302,15 @@ class DistillModule(L.LightningModule):
                 fake = student_generate_at(student_v, noise, timesteps, exit_index, g)
         self._critic_update(opt_critic, [x.detach() for x in fake], real, captions, shift, g)
 
-        self.log("distill/exit_index", float(exit_index))
-        self.log("distill/generator_step", float(generator_step))
+        self.log("distill/exit_index", host_scalar(exit_index))
+        self.log("distill/generator_step", host_scalar(generator_step))
         for name, value in self._last_generator_stats.items():  # values of the last generator step
-            self.log(f"distill/{name}", value)
+            self.log(f"distill/{name}", loggable(value))
         for name, count in self.nonfinite.items():
-            self.log(f"distill/skipped_{name}", float(count))
+            self.log(f"distill/skipped_{name}", host_scalar(count))
         skips = getattr(self.trainer.datamodule, "skip_counts", None) if self.trainer.datamodule else None
         for reason, count in (skips() if skips else {}).items():
-            self.log(f"data/skipped_{reason}", float(count))
+            self.log(f"data/skipped_{reason}", host_scalar(count))
 
     def _generator_update(self, opt, fake, captions, shift, g):
         cfg, B = self.cfg, fake[0].shape[0]
@@ -374,7 +375,7 @@ class DistillModule(L.LightningModule):
         for name, value in {**stats, **losses}.items():
             if value is None:
                 continue
-            self.log(f"distill/{name}", value.detach() if torch.is_tensor(value) else value)
+            self.log(f"distill/{name}", loggable(value))
 
     # ---- helpers ------------------------------------------------------------------------------
     def _all_finite(self, network: str, losses: dict) -> bool:
@@ -414,8 +415,8 @@ class DistillModule(L.LightningModule):
             lr = o.lr * lr_factor(own_step, o, o.total_steps or own_total)
             for group in opt.param_groups:
                 group["lr"] = lr
-        self.log("distill/lr_student", opt_student.param_groups[0]["lr"])
-        self.log("distill/lr_critic", opt_critic.param_groups[0]["lr"])
+        self.log("distill/lr_student", host_scalar(opt_student.param_groups[0]["lr"]))
+        self.log("distill/lr_critic", host_scalar(opt_critic.param_groups[0]["lr"]))
 
     # ---- samples and export (train/callbacks.py) ----------------------------------------------
     def write_samples(self, sample, out_dir, tag) -> dict:

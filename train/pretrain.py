@@ -21,6 +21,7 @@ from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
 from train.float8 import apply_float8
 from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_tokens, velocity_target, weighted_loss
+from train.metrics import host_scalar, loggable, progress_bar_on
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps, sequence_length
 from train.strategy import outside_zero_init, parameter_counts
@@ -57,7 +58,7 @@ class PretrainModule(L.LightningModule):
         self.codec = codec
         self.flow, self.optim, self.run = flow, optim, run
         self.meta = meta  # model/codec/data description stored in checkpoints and exports
-        self.ema = EMA(model, run.ema_decay) if self.model is not None and run.ema_decay > 0 else None
+        self.ema = EMA(model, run.ema_decay, run.ema_every_n_steps) if self.model is not None and run.ema_decay > 0 else None
         self._configured = False
         self.samples_in_step = self.tokens_in_step = 0  # read by train/throughput.py
 
@@ -68,7 +69,7 @@ class PretrainModule(L.LightningModule):
         self._configured = True
         if self.model is None:
             self.model = build_model(self.model_args, self.run.seed, self.trainer.strategy.root_device)
-            self.ema = EMA(self.model, self.run.ema_decay) if self.run.ema_decay > 0 else None
+            self.ema = EMA(self.model, self.run.ema_decay, self.run.ema_every_n_steps) if self.run.ema_decay > 0 else None
             whole, held = parameter_counts(self.model)
             rank_zero_info(f"model built on {self.trainer.strategy.root_device}: {whole:,} parameters, {held:,} of them held by this rank")
         with outside_zero_init():
@@ -136,10 +137,10 @@ class PretrainModule(L.LightningModule):
         # tokens/s counts the clip's tokens at the full text length (as distillation does), so it
         # does not move with caption lengths; the FLOP counter counts what the model ran.
         self.samples_in_step, self.tokens_in_step = B, B * n_tokens
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=progress_bar_on(self))
         for m, v in losses.items():
             self.log(f"train/loss_{m}", v)
-        self.log("train/shift", shift)
+        self.log("train/shift", host_scalar(shift))
         self._log_timestep_buckets(t_host, per_sample)
         return loss
 
@@ -181,14 +182,14 @@ class PretrainModule(L.LightningModule):
             self.log("train/grad_norm", clip_gradients(optimizer, self.model.parameters(), gradient_clip_val))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/lr", host_scalar(self.trainer.optimizers[0].param_groups[0]["lr"]))
         engine = getattr(self.trainer.strategy, "deepspeed_engine", None)
         grad_norm = engine.get_global_grad_norm() if engine is not None else None
         if grad_norm is not None:  # DeepSpeed keeps gradients in its own buffers (p.grad is None above)
-            self.log("train/grad_norm", grad_norm)
+            self.log("train/grad_norm", loggable(grad_norm))
         skips = getattr(self.trainer.datamodule, "skip_counts", None) if self.trainer.datamodule else None
         for reason, count in (skips() if skips else {}).items():
-            self.log(f"data/skipped_{reason}", float(count))
+            self.log(f"data/skipped_{reason}", host_scalar(count))
 
     # ---- samples and export (train/callbacks.py) ----------------------------------------------
     def write_samples(self, sample, out_dir, tag) -> dict:
