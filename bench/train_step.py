@@ -360,6 +360,8 @@ def main(argv=None) -> dict:
                    help="the reference block's training TFLOP/s on this card (../shared/bench/reference_block.py; "
                         "default: the H100's); bench/device/check.sh measures it in the same lease")
     args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1: the first step (compilation) is timed on its own, outside the window")
     if "varied" in args.text and args.warmup < len(VARIED):
         p.error(f"--text varied needs --warmup >= {len(VARIED)}: the warm-up sees each of its lengths once, so the timed "
                 "steps run shapes already seen (new ones: --text fresh)")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -50,10 +51,32 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
     assert rows[0]["model_flops_per_step"] == train_flops(layout)
 
 
+def test_train_step_bench_times_exactly_the_timed_steps_and_profiles_the_next(tmp_path, monkeypatch):
+    """The window opens at the start of the first timed step and closes at the start of the step
+    after the last (whole loop iterations); the profile covers the one step after the window."""
+    events = []  # ("step", batch_idx) per training step, ("now", ...) per timer reading, ("profile", ...)
+    step = train_step.PretrainModule.training_step
+    monkeypatch.setattr(train_step.PretrainModule, "training_step", lambda m, b, i: (events.append(("step", i)), step(m, b, i))[1])
+    now = train_step.StepTimer._now
+    monkeypatch.setattr(train_step.StepTimer, "_now", lambda self, m: (events.append(("now", None)), now(self, m))[1])
+    for name in ("start", "stop"):
+        method = getattr(torch.profiler.profile, name)
+        monkeypatch.setattr(torch.profiler.profile, name, lambda self, _m=method, _n=name: (events.append((_n, None)), _m(self))[1])
+    (row,) = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "3", "--warmup", "2", "--text", "full", "--profile",
+                              "--device", "cpu", "--out", str(tmp_path)])["results"]
+    marks = [i for i, (kind, _) in enumerate(events) if kind != "step"]
+    # step 0 timed alone (two readings), then the window's two readings, then the profiler
+    assert [events[i][0] for i in marks] == ["now", "now", "now", "now", "start", "stop"]
+    between = [[i for kind, i in events[a:b] if kind == "step"] for a, b in zip(marks, marks[1:])]
+    assert between == [[0], [1], [2, 3, 4], [], [5]]
+    assert row["steps_timed"] == 3 and row["step_s"] > 0
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--text", "varied", "--warmup", "11"], "--warmup >= 12"),  # a timed step would see a length the first time
     (["--text", "fresh", "--compile", "--warmup", "1"], "--warmup >= 2"),  # the dynamic-shape compilation would be timed
     (["--text", "fresh", "--warmup", "2", "--steps", "61", "--profile"], "63 caption lengths"),  # a length seen again
+    (["--text", "full", "--warmup", "0"], "--warmup and --steps must be >= 1"),  # the compiling first step in the window
 ])
 def test_train_step_bench_refuses_a_case_that_would_time_the_wrong_thing(argv, message, capsys):
     with pytest.raises(SystemExit):

@@ -72,11 +72,17 @@ class SyncCheck(L.Callback):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_pretraining_steps_do_not_synchronise_the_gpu():
-    module = test_pretrain_module.make_module()
+def test_pretraining_steps_do_not_synchronise_the_gpu(tmp_path):
+    """Steps 2-4 of the module with the stage's per-step callbacks (throughput, preemption) and
+    an EMA fold (every 3 steps: at step 3) inside the checked iterations."""
+    from train.preemption import PreemptionCallback
+    from train.throughput import ThroughputCallback
+
+    module = test_pretrain_module.make_module(ema_every=3)
+    callbacks = [ThroughputCallback(), PreemptionCallback(tmp_path / "last.ckpt", marker=tmp_path / "preempted"), SyncCheck(2, 5)]
     try:  # log_every_n_steps past the checked steps: the loggers read the metrics back on logging steps
-        trainer = fit(module, 6, accelerator="gpu", callbacks=[SyncCheck(2, 5)], gradient_clip_val=1.0,
-                      precision="bf16-mixed", log_every_n_steps=100)
+        trainer = fit(module, 6, accelerator="gpu", callbacks=callbacks, gradient_clip_val=1.0, precision="bf16-mixed",
+                      log_every_n_steps=100)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert trainer.global_step == 6
+    assert trainer.global_step == 6 and module.ema.folded == 6

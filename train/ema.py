@@ -84,10 +84,12 @@ class EMA:
 
     @torch.no_grad()
     def update(self):
-        """Call after every optimizer step; folds the weights in every `every` steps (and at the
-        first, when ZeRO-3 re-takes the shadow)."""
+        """Call after every optimizer step; folds the weights in at every `every`-th step (and at
+        the first, when ZeRO-3 re-takes the shadow)."""
         self.updates += 1
-        if not self._pending and self.updates - self.folded < self.every:
+        # at multiples of `every`, whatever the first fold was: ZeRO-3's re-take at step 1 must not
+        # shift the folds (and so the exported EMA) against ZeRO-2's
+        if not self._pending and self.updates % self.every:
             return
         current = [local_view(p).detach().float() for p in self.params]
         if self._pending:

@@ -56,8 +56,13 @@ class PreemptionCallback(L.Callback):
         self._previous.clear()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        local = self.received is not None or bool(getattr(trainer, "received_sigterm", False))
-        if not trainer.strategy.reduce_boolean_decision(local, all=False):  # any rank: all stop
+        stop = self.received is not None or bool(getattr(trainer, "received_sigterm", False))
+        # Any rank's signal stops all ranks. The all-reduce makes a device tensor from the flag
+        # and reads it back: two syncs a step, even in one process under DeepSpeed, so only with
+        # several ranks (where Lightning's own SIGTERM broadcast syncs every step anyway).
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
             return
         signame = signal.Signals(self.received).name if self.received else "SIGTERM"
         print(f"{signame}: saving {self.checkpoint_path} at step {trainer.global_step} and stopping", flush=True)
