@@ -82,7 +82,8 @@ if [ "$part" = perf ]; then
         PROXY=(--preset tiny --device cpu --steps 1 --warmup 3) T16=300 HH1080=(--preset tiny --clips 64x64x1 --repeats 1 --device cpu)
         FP8=(tensorwise)  # the CPU's _scaled_mm takes one scale per tensor only
     else
-        PROXY=(--preset proxy --steps 10 --warmup 3) T16=16384  # 10 steps: one EMA fold (every 10) in the window HH1080=(--clips 1920x1080x5 --repeats 1)
+        # 10 timed steps: one EMA fold (every 10 steps) in the window
+        PROXY=(--preset proxy --steps 10 --warmup 3) T16=16384 HH1080=(--clips 1920x1080x5 --repeats 1)
         read -ra FP8 <<< "${FP8_RECIPES:-tensorwise}"
     fi
     reference_block
