@@ -173,7 +173,8 @@ def main(argv=None) -> dict:
     sets = {"real": (real, {"sampler": "held-out real clips"})}
     teacher, teacher_info = sample_set(args.teacher, teacher_generator, real, args.seconds, args.height, args.width,
                                        args.teacher_steps, args.teacher_cfg, args.device)
-    student, student_info = sample_set(args.student, load_generator(args.student, args.device), real, args.seconds,
+    student_generator = load_generator(args.student, args.device)
+    student, student_info = sample_set(args.student, student_generator, real, args.seconds,
                                        args.height, args.width, None, None, args.device)
     sets["teacher"], sets["student"] = (teacher, teacher_info), (student, student_info)
     if args.float8 != "none":
@@ -182,12 +183,16 @@ def main(argv=None) -> dict:
         fp8, fp8_info = sample_set(args.student, generator, real, args.seconds, args.height, args.width, None, None, args.device)
         fp8_info.update(float8=args.float8, **difference(fp8, student))
         sets["student_float8"] = (fp8, fp8_info)
+    # A window is an attribute of the model, not a weight: the loaded student samples through each
+    # in turn (FP8 above changes the weights' modules, so it loads its own copy).
+    exported_window = student_generator[0].video_window
     for window in filter(None, windows):
-        generator = load_generator(args.student, args.device)
-        generator[0].video_window = window
-        clips, info = sample_set(args.student, generator, real, args.seconds, args.height, args.width, None, None, args.device)
-        info.update(video_window=str(window), video_pairs_kept=video_pairs_kept(clip_layout(generator, args), window), **difference(clips, student))
+        student_generator[0].video_window = window
+        clips, info = sample_set(args.student, student_generator, real, args.seconds, args.height, args.width, None, None, args.device)
+        info.update(video_window=str(window), video_pairs_kept=video_pairs_kept(clip_layout(student_generator, args), window),
+                    **difference(clips, student))
         sets[f"student_window_{window}"] = (clips, info)
+    student_generator[0].video_window = exported_window
 
     real_feats = features(real, fps, rate)
     mean, std = real_feats.mean(0), real_feats.std(0).clamp_min(1e-6)

@@ -54,14 +54,18 @@ def test_train_step_bench_runs_the_real_step_on_cpu(tmp_path):
 def test_train_step_bench_times_exactly_the_timed_steps_and_profiles_the_next(tmp_path, monkeypatch):
     """The window opens at the start of the first timed step and closes at the start of the step
     after the last (whole loop iterations); the profile covers the one step after the window."""
-    events = []  # ("step", batch_idx) per training step, ("now", ...) per timer reading, ("profile", ...)
-    step = train_step.PretrainModule.training_step
-    monkeypatch.setattr(train_step.PretrainModule, "training_step", lambda m, b, i: (events.append(("step", i)), step(m, b, i))[1])
-    now = train_step.StepTimer._now
-    monkeypatch.setattr(train_step.StepTimer, "_now", lambda self, m: (events.append(("now", None)), now(self, m))[1])
+    events = []  # ("step", batch_idx) per training step, ("now", None) per timer reading, ("start"/"stop", None) of the profiler
+
+    def recording(kind, method, with_index=False):
+        def wrapper(self, *args):
+            events.append((kind, args[-1] if with_index else None))
+            return method(self, *args)
+        return wrapper
+
+    monkeypatch.setattr(train_step.PretrainModule, "training_step", recording("step", train_step.PretrainModule.training_step, True))
+    monkeypatch.setattr(train_step.StepTimer, "_now", recording("now", train_step.StepTimer._now))
     for name in ("start", "stop"):
-        method = getattr(torch.profiler.profile, name)
-        monkeypatch.setattr(torch.profiler.profile, name, lambda self, _m=method, _n=name: (events.append((_n, None)), _m(self))[1])
+        monkeypatch.setattr(torch.profiler.profile, name, recording(name, getattr(torch.profiler.profile, name)))
     (row,) = train_step.main(["--preset", "tiny", "--tokens", "300", "--steps", "3", "--warmup", "2", "--text", "full", "--profile",
                               "--device", "cpu", "--out", str(tmp_path)])["results"]
     marks = [i for i, (kind, _) in enumerate(events) if kind != "step"]

@@ -1,6 +1,7 @@
 """The pretraining LightningModule on a fixed in-memory batch: the loss goes down, EMA and the LR
 schedule behave, export round-trips."""
 
+import copy
 import dataclasses
 
 import lightning as L
@@ -167,7 +168,7 @@ def ema_run(every: int, steps: int, hold: int = 1, resume_at: int | None = None)
                 lin.weight.add_(torch.full_like(lin.weight, float(step)))
         ema.update()
         if step == resume_at:
-            state = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ema.state_dict().items()}
+            state = copy.deepcopy(ema.state_dict())  # as a checkpoint holds it: nothing shared with the old EMA
             ema = EMA(lin, 0.9, every)
             ema.load_state_dict(state)
         shadows.append(ema.named_weights()["weight"].clone())
