@@ -11,6 +11,12 @@ import torchaudio.functional
 # Real neighbours on both sides of the window, so the resampling filter (torchaudio's default
 # is 6 zero crossings, well under a millisecond) sees the signal, not zeros, at the edges.
 MARGIN_SECONDS = 0.01
+# A frame whose timestamp is within this of where the previous frame ended continues it sample
+# for sample. Matroska/WebM store timestamps in whole milliseconds, so consecutive AAC frames
+# (1024 samples: 21.33 ms at 48 kHz) are each up to 0.5 ms off; placed by their timestamps they
+# would leave holes and overlaps in the middle of real audio. Farther off is a real gap or jump
+# (as FFmpeg's aresample=async re-syncs only past a threshold).
+CONTIGUOUS_SECONDS = 0.001
 
 
 class AudioWindow:
@@ -38,6 +44,8 @@ class AudioWindow:
         self.real = np.zeros(length, bool)
         self.limit = length if stream_end is None else min(length, round(stream_end * rate_in) - self.first)
         self.reached = 0  # buffer index just past the latest sample seen
+        self.tolerance = round(CONTIGUOUS_SECONDS * rate_in)
+        self.next: int | None = None  # buffer index where the previous frame ended
 
     @property
     def done(self) -> bool:
@@ -47,7 +55,10 @@ class AudioWindow:
     def add(self, samples: np.ndarray, time: float) -> None:
         """samples: float (channels, n) starting at `time` seconds on the source timeline."""
         begin = round(time * self.rate_in) - self.first
+        if self.next is not None and abs(begin - self.next) <= self.tolerance:
+            begin = self.next  # the previous frame's continuation; its timestamp was rounded
         end = begin + samples.shape[1]
+        self.next = end
         self.reached = max(self.reached, end)
         lo, hi = max(0, begin), min(self.limit, end)
         if hi > lo:

@@ -9,10 +9,10 @@ UNKNOWN_LANGUAGE = "und"  # ISO 639-2 "undetermined"
 
 
 def captions_of(meta: dict) -> dict[str, str]:
-    """language -> caption, empty captions dropped."""
+    """language -> caption; empty captions and values that are not text (null, lists) dropped."""
     captions = meta.get("captions")
     if isinstance(captions, dict):
-        found = {str(lang): str(text).strip() for lang, text in captions.items()}
+        found = {str(lang): text.strip() for lang, text in captions.items() if isinstance(text, str)}
     elif isinstance(meta.get("caption"), str):
         found = {str(meta.get("language") or UNKNOWN_LANGUAGE): meta["caption"].strip()}
     else:

@@ -60,14 +60,34 @@ class StreamTimes:
 
 
 def stream_times(stream: av.stream.Stream, container: av.container.InputContainer) -> StreamTimes:
-    """Declared start and duration of `stream`; falls back to the container's duration (Matroska
-    declares only that)."""
+    """Declared start and duration of `stream`. Matroska/WebM have no per-stream duration field;
+    their muxers (FFmpeg, mkvmerge) write one as the track's DURATION tag, which is read next. The
+    container's duration comes last: it spans the longest stream, so audio that outlasts the
+    video would make a complete video look cut short."""
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     if stream.duration is not None and stream.duration > 0:
         return StreamTimes(start, float(stream.duration * stream.time_base))
+    tagged = _duration_tag(stream.metadata)
+    if tagged is not None:
+        return StreamTimes(start, tagged)
     if container.duration is not None and container.duration > 0:
         return StreamTimes(start, container.duration / av.time_base - start)
     return StreamTimes(start, None)
+
+
+def _duration_tag(metadata: dict) -> float | None:
+    """Seconds in a Matroska track's DURATION tag ("HH:MM:SS.nnnnnnnnn"; mkvmerge may suffix
+    the key with a language, DURATION-eng), or None when absent or unreadable."""
+    for key, value in metadata.items():
+        if key.upper().split("-")[0] == "DURATION":
+            try:
+                hours, minutes, seconds = value.split(":")
+                duration = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+            except ValueError:
+                continue
+            if duration > 0:
+                return duration
+    return None
 
 
 def video_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:

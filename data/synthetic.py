@@ -9,9 +9,11 @@ import argparse
 import dataclasses
 import io
 import json
+import math
 import os
 import sys
 import time
+import uuid
 
 import numpy as np
 import webdataset as wds
@@ -64,21 +66,29 @@ def synthetic_clip(cfg: SyntheticConfig, index: int) -> tuple[bytes, dict]:
     return buffer.getvalue(), clip_meta(cfg, index, scene)
 
 
-def write_synthetic_shards(cfg: SyntheticConfig, out_dir: str) -> list[str]:
-    """Write cfg.num_clips clips, cfg.clips_per_shard per shard, into out_dir/<prefix>-NNNNNN.tar.
-    Each shard is written under a temporary name and renamed when complete, so a reader never
-    sees half a shard. Returns the shard paths."""
+def synthetic_shard_paths(cfg: SyntheticConfig, out_dir: str) -> list[str]:
+    """The shards cfg makes: out_dir/<prefix>-NNNNNN.tar, cfg.clips_per_shard clips each."""
+    return [os.path.join(out_dir, f"{cfg.prefix}-{i:06d}.tar") for i in range(math.ceil(cfg.num_clips / cfg.clips_per_shard))]
+
+
+def write_synthetic_shards(cfg: SyntheticConfig, out_dir: str, only_missing: bool = False) -> list[str]:
+    """Write cfg.num_clips clips into synthetic_shard_paths(cfg, out_dir); with only_missing, the
+    shards not there yet (a write that was cut short goes on). Each shard is written under a
+    temporary name of its own and renamed when complete, so a reader never sees half a shard and
+    ranks that write the same (deterministic) set at once do not collide. Returns the shard paths."""
     os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for first in range(0, cfg.num_clips, cfg.clips_per_shard):
-        path = os.path.join(out_dir, f"{cfg.prefix}-{len(paths):06d}.tar")
-        with wds.TarWriter(path + ".tmp", mtime=0) as tar:  # fixed mtime: same seed, same bytes
+    paths = synthetic_shard_paths(cfg, out_dir)
+    for shard, path in enumerate(paths):
+        if only_missing and os.path.exists(path):
+            continue
+        partial = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+        with wds.TarWriter(partial, mtime=0) as tar:  # fixed mtime: same seed, same bytes
+            first = shard * cfg.clips_per_shard
             for index in range(first, min(first + cfg.clips_per_shard, cfg.num_clips)):
                 media, meta = synthetic_clip(cfg, index)
                 tar.write({"__key__": f"{cfg.prefix}_{index:06d}", "mp4": media,
                            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
-        os.replace(path + ".tmp", path)
-        paths.append(path)
+        os.replace(partial, path)
     return paths
 
 

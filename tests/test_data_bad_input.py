@@ -7,6 +7,7 @@ import random
 import pytest
 
 from data.buckets import parse_buckets
+from data.captions import pick_caption
 from data.config import default_buckets
 from data.decode import ClipSpec, decode_clip
 from data.loader import build_loader
@@ -139,3 +140,11 @@ def test_an_unexpected_error_is_counted_as_decode_error_and_the_run_goes_on(tmp_
     assert batch["key"] == ["s1"] and batch["stream"]["skips"] == {"decode_error": 1}
     record = next(r for r in caplog.records if "decode_error" in r.getMessage())
     assert "s.tar:s0" in record.getMessage() and record.exc_info is not None  # traceback kept for bugs
+
+
+def test_captions_that_are_not_text_are_dropped_not_printed():
+    assert pick_caption({"captions": {"en": None, "de": " Hallo "}}, random.Random(0)) == ("de", "Hallo")
+    for meta in ({"captions": {"en": None}}, {"captions": {"en": ["a", "b"], "fr": ""}}, {"caption": None}):
+        with pytest.raises(SkipSample) as skip:
+            pick_caption(meta, random.Random(0))
+        assert skip.value.reason == "no_caption"

@@ -9,8 +9,11 @@ import pytest
 
 from data.buckets import parse_buckets, plan_geometry
 from data.config import LoaderConfig, default_buckets
+from data.audio_window import AudioWindow
 from data.decode import ClipSpec, choose_start, decode_clip
 from data.encode import encode_av
+from data.media import open_media, stream_times
+from data.probe import probe_media
 from data.skips import SkipSample
 from data_fixtures import grey_frames, make_clip, onsets, tone_bursts
 
@@ -153,3 +156,40 @@ def test_other_containers_decode_in_sync(container_format, video_codec, audio_co
     clip = decode_clip(data, spec(), random.Random(0))
     assert clip.video.shape == (24, 80, 80, 3)
     assert np.allclose(onsets(clip.audio[0], 16000), [0.5], atol=0.002)
+
+
+@pytest.mark.parametrize("container_format", ["matroska", "mp4"])
+def test_audio_frames_with_rounded_timestamps_join_without_holes(container_format):
+    """Matroska keeps timestamps in whole milliseconds: 1024-sample AAC frames at 48 kHz are each
+    up to 0.5 ms off. They must still join sample for sample, with no masked-off holes inside a
+    continuous tone."""
+    rate = 48000
+    tone = (0.5 * np.sin(2 * np.pi * 440 * np.arange(2 * rate) / rate)).astype(np.float32)[None]
+    out = io.BytesIO()
+    encode_av(out, grey_frames(48), 24, tone, rate, container_format=container_format)
+    clip = decode_clip(out.getvalue(), spec(sample_rate=rate), random.Random(3))
+    assert clip.audio_mask.all()
+    # No step where frames overlap or part: the tone's sample-to-sample change stays under its bound.
+    assert np.abs(np.diff(clip.audio[0])).max() < 0.5 * 2 * np.pi * 440 / rate * 1.2
+
+
+def test_audio_window_joins_rounded_timestamps_but_keeps_real_gaps():
+    window = AudioWindow(0.0, 0.2, 48000, 48000, 1, None)
+    frame = np.ones((1, 1024), np.float32)
+    for i in range(9):  # 21.33 ms frames stamped in whole milliseconds; frame 5 lost (a 21 ms gap)
+        if i != 5:
+            window.add(frame, round(i * 1024 / 48000, 3))
+    audio, mask = window.result()
+    assert mask[: 5 * 1024].all() and not mask[5 * 1024 : 6 * 1024].any() and mask[6 * 1024 : 9 * 1024].all()
+
+
+def test_matroska_video_is_judged_by_its_own_duration_when_audio_outlasts_it():
+    """Matroska declares no per-stream duration field; the container's spans the longest stream.
+    A 3 s video with 4.5 s of audio is complete: its windows decode and the probe accepts it."""
+    data = make_clip(seconds=3.0, audio_seconds=4.5, container_format="matroska")
+    with open_media(data) as container:
+        assert stream_times(container.streams.video[0], container).duration == pytest.approx(3.0)
+    assert probe_media(data)["duration"] == pytest.approx(3.0)
+    for seed in range(8):
+        clip = decode_clip(data, spec(), random.Random(seed))
+        assert clip.start <= 2.0 + 1e-6 and clip.audio_mask.all()

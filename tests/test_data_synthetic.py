@@ -117,3 +117,46 @@ def test_cli_writes_shards(tmp_path, capsys):
         meta = json.loads(tar.extractfile("synthetic_000002.json").read())
     assert meta["languages"] == ["en", "de"] and set(meta["captions"]) == {"en", "de"}
     assert "wrote 3 clips" in capsys.readouterr().out
+
+
+def test_prepare_synthetic_completes_a_set_cut_short_and_leaves_others_alone(tmp_path, capsys):
+    import shutil
+    import threading
+    from types import SimpleNamespace
+
+    from data.synthetic import write_synthetic_shards
+    from train.datamodule import prepare_synthetic
+
+    cfg = SyntheticConfig(num_clips=4, seconds=0.5, width=32, height=32, sample_rate=8000, clips_per_shard=2)
+    out = tmp_path / "set"
+    prepare_synthetic(cfg, SimpleNamespace(shards=str(out)))
+    first, second = sorted(out.glob("*.tar"))
+    whole = [first.read_bytes(), second.read_bytes()]
+    kept = first.stat().st_mtime_ns
+    second.unlink()  # a run stopped while writing
+    prepare_synthetic(cfg, SimpleNamespace(shards=str(out)))
+    assert [first.read_bytes(), second.read_bytes()] == whole and first.stat().st_mtime_ns == kept
+    assert "1 of 2 shards" in capsys.readouterr().out
+
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(first, other / "mine-000000.tar")
+    prepare_synthetic(cfg, SimpleNamespace(shards=str(other)))
+    assert sorted(p.name for p in other.iterdir()) == ["mine-000000.tar"]
+    assert "training on them as they are" in capsys.readouterr().out
+
+    # Ranks that write the same set at once (each calls prepare_synthetic) do not collide.
+    both = tmp_path / "both"
+    errors = []
+    def write():
+        try:
+            write_synthetic_shards(cfg, str(both))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=write) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and [p.read_bytes() for p in sorted(both.glob("*.tar"))] == whole
+    assert sorted(p.name for p in both.iterdir()) == [first.name, second.name]  # no temporary files left

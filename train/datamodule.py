@@ -9,18 +9,28 @@ import lightning as L
 from data.config import LoaderConfig, SyntheticConfig
 from data.loader import build_loader
 from data.state import StreamState
-from data.synthetic import write_synthetic_shards
+from data.synthetic import synthetic_shard_paths, write_synthetic_shards
 from train.config import ConfigError
 from train.distributed import gather_per_rank, own_entry
 
 
 def prepare_synthetic(synthetic: SyntheticConfig, loader: LoaderConfig) -> None:
-    """Write the synthetic dataset into loader.shards if no shard is there yet."""
+    """Write the synthetic dataset into loader.shards when it is not there. A set this config
+    began and did not finish (its shards, some missing: a run stopped while writing) is
+    completed; the set is deterministic, so the shards already there are kept. Shards of another
+    making (`python -m data.synthetic` with other options) are used as they are."""
     out = Path(loader.shards)
-    if out.is_dir() and any(out.glob("*.tar")):
+    expected = [Path(p) for p in synthetic_shard_paths(synthetic, str(out))]
+    present = sorted(out.glob("*.tar")) if out.is_dir() else []
+    missing = [p for p in expected if p not in present]
+    if not missing:
         return
-    print(f"writing the synthetic dataset ({synthetic.num_clips} clips) to {out} ...", flush=True)
-    write_synthetic_shards(synthetic, out)
+    if any(p not in expected for p in present):
+        print(f"{out} holds {len(present)} shards that data.synthetic does not write ({present[0].name} ...): "
+              f"training on them as they are", flush=True)
+        return
+    print(f"writing the synthetic dataset ({synthetic.num_clips} clips, {len(missing)} of {len(expected)} shards) to {out} ...", flush=True)
+    write_synthetic_shards(synthetic, str(out), only_missing=True)
 
 
 class AVDataModule(L.LightningDataModule):
