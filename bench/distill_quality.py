@@ -42,7 +42,7 @@ from bench.environment import describe, slug  # noqa: E402
 from model.window import VideoWindow, video_pairs_kept  # noqa: E402
 from train.checkpoint import load_generator  # noqa: E402
 from train.float8 import FLOAT8_RECIPES, apply_float8  # noqa: E402
-from train.sampling import ClipSpec, Guidance, generate, latent_noise  # noqa: E402
+from train.sampling import ClipSpec, Guidance, generate, latent_noise, seed_generators  # noqa: E402
 from train.sequence import build_sequence  # noqa: E402
 
 HELD_OUT_SEED = 1_000_003  # the training set uses seed 0: these scenes were never trained on
@@ -126,7 +126,7 @@ def clip_layout(generator, args):
     """The student's sequence layout at the benchmark's clip size (for the window's sparsity)."""
     model, codec, meta, _ = generator
     spec = ClipSpec.from_seconds(args.seconds, meta["data"]["fps"], args.height, args.width, meta["data"]["sample_rate"])
-    video, audio = latent_noise(codec, spec, [0], "cpu")
+    video, audio = latent_noise(codec, spec, seed_generators([0]), "cpu")
     return build_sequence(model.args, [""], meta["text_len"], video, audio, task="t2v", trim_text=True).layout
 
 

@@ -73,7 +73,9 @@ def render(stage: str, overrides: list[str], run_dir: Path, python: str = sys.ex
         "# restarts (requeue after SIGUSR1, or a node failure) land here again and resume from",
         "# <run_dir>/checkpoints (resume=auto)",
         'echo "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST"',
-        "srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(a) for a in args),
+        # --cpus-per-task again: srun of SLURM 22.05-23.02 does not take it from the allocation,
+        # and each rank would get one CPU for its loader workers
+        f"srun --kill-on-bad-exit=1 --cpus-per-task={int(cluster.cpus_per_task)} " + " ".join(shlex.quote(a) for a in args),
         "# SIGUSR1 (time limit near, or preemption): the run saved last.ckpt, wrote this marker and",
         "# exited cleanly; requeue so the job starts again and resumes",
         f"if [ -f {shlex.quote(str(run_dir / 'preempted'))} ]; then",

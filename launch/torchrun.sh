@@ -8,11 +8,15 @@
 # (TorchElasticEnvironment). Give every node the same hydra.run.dir (shared storage) so that
 # checkpoints, and the resume after a restart, are in one place. SIGTERM to the ranks saves
 # checkpoints/last.ckpt and ends the run; starting the same command again resumes from it.
+# Signal the ranks themselves (e.g. `pkill -TERM -f "m train"`): torchrun passes a signal it gets
+# on to them but SIGKILLs any rank still running 30 s later, too soon for a large checkpoint.
+# PYTHON: the interpreter with the project installed (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STAGE="$1"; shift
-NPROC="${NPROC_PER_NODE:-$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
-exec "${PYTHON:-.venv/bin/python}" -m torch.distributed.run \
+PYTHON="${PYTHON:-.venv/bin/python}"
+NPROC="${NPROC_PER_NODE:-$("$PYTHON" -c 'import torch; print(max(1, torch.cuda.device_count()))')}"
+exec "$PYTHON" -m torch.distributed.run \
   --nnodes="${NNODES:-1}" --node-rank="${NODE_RANK:-0}" --nproc-per-node="$NPROC" \
   --master-addr="${MASTER_ADDR:-127.0.0.1}" --master-port="${MASTER_PORT:-29500}" \
   -m train "$STAGE" "$@"

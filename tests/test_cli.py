@@ -110,3 +110,15 @@ def test_windowed_student_with_selective_checkpointing_needs_compile_on_a_gpu(tm
               "activation_checkpointing=selective", "compile=false", "trainer.accelerator=gpu")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "distill.student_video_window with activation_checkpointing=selective on a GPU needs compile=true" in out.stderr
+
+
+def test_steps_and_accumulation_the_stages_cannot_take_are_refused():
+    from train.stages import check_steps
+
+    check_steps({"max_steps": 10}, "pretrain")
+    with pytest.raises(ConfigError, match=r"trainer.max_steps=-1: the pretrain stage needs a number of steps >= 1"):
+        check_steps({"max_steps": -1}, "pretrain")
+    with pytest.raises(ConfigError, match=r"trainer.accumulate_grad_batches: the pretrain stage takes 1 \(every micro-batch.*same noise"):
+        check_steps({"max_steps": 10, "accumulate_grad_batches": 2}, "pretrain")
+    with pytest.raises(ConfigError, match=r"the distill stage takes 1 \(it steps its optimizers itself\)"):
+        check_steps({"max_steps": 10, "accumulate_grad_batches": 4}, "distill")

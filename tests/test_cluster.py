@@ -155,7 +155,7 @@ def test_slurm_script_from_a_preset(tmp_path):
     for line in ("#SBATCH --nodes=8", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=12",
                  "#SBATCH --signal=USR1@180", "#SBATCH --requeue", f"#SBATCH --output={tmp_path}/slurm-%j.out"):
         assert line in text.splitlines()
-    assert f"srun --kill-on-bad-exit=1 /x/python -m train pretrain +cluster=h100x64 trainer.max_steps=10 hydra.run.dir={tmp_path}" in text
+    assert f"srun --kill-on-bad-exit=1 --cpus-per-task=12 /x/python -m train pretrain +cluster=h100x64 trainer.max_steps=10 hydra.run.dir={tmp_path}" in text
     cpu = slurm.render("pretrain", ["+cluster=cpu2"], tmp_path)
     assert "#SBATCH --ntasks-per-node=2" in cpu and "--gpus-per-node" not in cpu
 

@@ -13,7 +13,7 @@ from tests.test_pretrain_module import FPS, SR, Repeat, fixed_batch, tiny_args
 from model import AVTransformer
 from train.checkpoint import describe
 from train.codec import PatchCodec
-from train.config import DistillConfig, OptimConfig, RunConfig
+from train.config import ConfigError, DistillConfig, OptimConfig, RunConfig
 from train.distill import DistillModule, NonFiniteLossError
 
 
@@ -116,6 +116,15 @@ def test_nan_teacher_skips_generator_updates_then_stops_naming_the_loss():
         module.teacher.heads["video"].proj.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"dm_loss NaN/inf at step 1: 2 generator updates in a row"):
         fit(module, 5)
+
+    # The counts travel in checkpoints: a streak cut by a resume goes on counting.
+    module = make_module(critic_steps_per_generator_step=1, max_nonfinite_in_a_row=3)
+    module.nonfinite, module._in_a_row = {"generator": 5, "critic": 1}, {"generator": 2, "critic": 0}
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)
+    resumed = make_module(critic_steps_per_generator_step=1, max_nonfinite_in_a_row=3)
+    resumed.on_load_checkpoint(ckpt)
+    assert resumed.nonfinite == {"generator": 5, "critic": 1} and resumed._in_a_row == {"generator": 2, "critic": 0}
 
 
 def test_gan_logits_alone_come_from_a_forward_that_stops_at_the_gan_layer():
@@ -229,3 +238,10 @@ def test_student_video_window_is_the_students_alone_and_it_trains_with_it():
     windowed = fit(module, 1)[0].after[0][0]
     dense = fit(make_module(), 1)[0].after[0][0]
     assert not same(windowed, before) and not same(windowed, dense)
+
+
+def test_student_timesteps_start_at_one_and_decrease():
+    assert DistillConfig(student_steps=3, student_timesteps=[1, 0.6, 0.2]).student_timesteps == [1.0, 0.6, 0.2]
+    for bad in ([0.95, 0.6, 0.2], [1.0, 0.2, 0.6], [1.0, 0.6], [1.0, 0.6, 0.0]):
+        with pytest.raises(ConfigError, match=r"distill.student_timesteps=.*the first 1.0 \(the student starts from pure noise"):
+            DistillConfig(student_steps=3, student_timesteps=bad)

@@ -22,7 +22,7 @@ from train.dmd import (
     student_generate_at,
     student_sample,
 )
-from train.flow import add_noise, sampling_schedule
+from train.flow import add_noise, sampling_schedule, time_shift, time_unshift
 
 
 def constant_velocity(values, seen=None):
@@ -243,6 +243,14 @@ def test_dm_timesteps_range_shift_and_seed():
     assert abs(t.mean().item() - 0.5) < 0.01  # uniform
     shifted = dm_timesteps(20000, shift=3.0, generator=torch.Generator().manual_seed(0))
     assert shifted.min() >= 0.02 and shifted.max() <= 0.98 and shifted.mean() > 0.65
+    # The shifted density restricted to [t_min, t_max], with no mass piled on the ends: the
+    # fraction below time_shift(u) is the fraction of the unshifted range below u.
+    t6 = dm_timesteps(20000, shift=6.0, generator=torch.Generator().manual_seed(2))
+    assert (t6 == 0.98).float().mean() < 0.001 and (t6 == 0.02).float().mean() < 0.001
+    lo, hi = time_unshift(0.02, 6.0), time_unshift(0.98, 6.0)
+    for u in (0.01, 0.05, 0.2, 0.6):
+        want = (u - lo) / (hi - lo)
+        assert abs((t6 <= time_shift(torch.tensor(u), 6.0)).float().mean().item() - want) < 0.01
     torch.testing.assert_close(dm_timesteps(8, generator=torch.Generator().manual_seed(1)), dm_timesteps(8, generator=torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="t_min"):
         dm_timesteps(4, t_min=0.5, t_max=0.5)

@@ -17,7 +17,7 @@ from train.flow import (
     velocity_target,
     weighted_loss,
 )
-from train.sampling import ClipSpec, Guidance, generate, latent_noise, make_velocity_fn
+from train.sampling import ClipSpec, Guidance, generate, latent_noise, make_velocity_fn, seed_generators
 from train.sequence import build_sequence, segment_timesteps
 
 
@@ -109,7 +109,7 @@ def tiny_model(seed=0):
 def test_cfg_scale_one_equals_the_conditional_prediction():
     model, codec = tiny_model(), PatchCodec()
     spec = ClipSpec.from_seconds(0.5, 12, 16, 16, 8000)
-    xs = latent_noise(codec, spec, [3], "cpu")
+    xs = latent_noise(codec, spec, seed_generators([3]), "cpu")
     guided = make_velocity_fn(model, ["a red ball"], 16, Guidance(1.0, 1.0))(xs, 0.6)
     seq = build_sequence(model.args, ["a red ball"], 16, xs[0], xs[1])
     cond = model(seq.inputs, seq.layout, segment_timesteps(seq, torch.tensor([0.6])), seq.key_mask)
@@ -126,7 +126,7 @@ def test_cfg_scale_one_equals_the_conditional_prediction():
 def test_same_seed_same_noise_different_seed_different_noise():
     codec = PatchCodec()
     spec = ClipSpec.from_seconds(0.5, 12, 16, 16, 8000)
-    a, b, c = (latent_noise(codec, spec, [s], "cpu") for s in (1, 1, 2))
+    a, b, c = (latent_noise(codec, spec, seed_generators([s]), "cpu") for s in (1, 1, 2))
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     assert a[0].shape == (1, 48, 6, 4, 4) and a[1].shape == (1, 160, 25)
@@ -184,7 +184,7 @@ def test_guided_sampler_runs_cond_and_uncond_apart_without_masks():
     model = tiny_model()
     codec = PatchCodec()
     spec = ClipSpec.from_seconds(0.5, 12, 16, 16, 8000)
-    xs = latent_noise(codec, spec, [3], "cpu")
+    xs = latent_noise(codec, spec, seed_generators([3]), "cpu")
     masks = []
     hook = model.register_forward_pre_hook(lambda m, args: masks.append(args[3]))
     batched = make_velocity_fn(model, ["a red ball"], 16, Guidance(3.0, 2.0))(xs, 0.6)
@@ -227,3 +227,27 @@ def test_generate_runs_a_model_held_in_bf16():
     for g, w, o in zip(got, want, other):
         assert g.dtype == torch.float32 and g.shape == w.shape
         assert (g - w).abs().max().item() < 0.1 < (o - w).abs().max().item()  # bf16 rounding, not another clip
+
+
+def test_student_sampler_renoises_with_fresh_noise_per_clip(monkeypatch):
+    """The distilled student's sampler re-noises each x0 with noise independent of the clip's
+    starting noise (as backward simulation trains it) and drawn from the clip's own seed, so a
+    clip does not change with the clips batched next to it."""
+    import train.dmd
+
+    model, codec = tiny_model(), PatchCodec()
+    spec = ClipSpec.from_seconds(0.5, 12, 16, 16, 8000)
+    student = {"steps": 3, "timesteps": None}
+    draws = []
+    randn_like = train.dmd._randn_like
+    monkeypatch.setattr(train.dmd, "_randn_like", lambda x, g: draws.append(randn_like(x, g)) or draws[-1])
+    alone = generate(model, codec, ["a red ball"], [7], spec, 3, Guidance(1.0, 1.0), 16, shift=3.0, student=student)
+    start = latent_noise(codec, spec, seed_generators([7]), "cpu")
+    assert len(draws) == 2 * 2  # two re-noisings (3 steps), video and audio each
+    for drawn, first in zip(draws[:2], start):
+        assert drawn.shape == first.shape and not torch.allclose(drawn, first)
+    batched = generate(model, codec, ["a red ball"] * 2, [5, 7], spec, 3, Guidance(1.0, 1.0), 16, shift=3.0, student=student)
+    for one, two in zip(alone, batched):
+        torch.testing.assert_close(two[1:], one, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        train.dmd._randn_like(torch.zeros(3, 2), seed_generators([1, 2]))

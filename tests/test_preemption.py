@@ -185,3 +185,130 @@ def test_pruning_keeps_the_newest_periodic_checkpoints_by_step(tmp_path):
     assert [p.name for p in removed] == ["epoch=0-step=2.ckpt"]  # by step: 10 is newer than 2 and 4
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "epoch=0-step=10.ckpt", "epoch=0-step=4.ckpt", "last.ckpt", "last.ckpt.partial", "notes.txt"]  # the .deleting leftover gone
+
+
+class _OneWeight:
+    """A one-parameter LightningModule: what is tested are the callbacks around it."""
+
+    @staticmethod
+    def build():
+        import lightning as L
+        from torch.utils.data import DataLoader
+
+        class OneWeight(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+
+            def training_step(self, batch, batch_idx):
+                return (self.w - 1).pow(2).sum()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+            def train_dataloader(self):
+                return DataLoader(torch.zeros(100, 1), batch_size=1)
+
+        return OneWeight()
+
+
+def _fit_with_signal_at(tmp_path, signal_step, max_steps=6, resume=None):
+    """Fit for max_steps with a SIGUSR1 noted during step `signal_step` (as the handler would);
+    returns the preemption callback and the paths the trainer saved, in order."""
+    import lightning as L
+
+    from train.callbacks import PeriodicCheckpoint
+    from train.preemption import PreemptionCallback
+
+    preemption = PreemptionCallback(tmp_path / "checkpoints" / "last.ckpt", marker=tmp_path / "preempted")
+
+    class SignalAt(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step + 1 == signal_step:
+                preemption.received = signal.SIGUSR1
+
+    saved = []
+
+    class Recording(L.Trainer):
+        def save_checkpoint(self, filepath, *args, **kwargs):
+            saved.append(Path(filepath).name)
+            super().save_checkpoint(filepath, *args, **kwargs)
+
+    trainer = Recording(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[PeriodicCheckpoint(tmp_path / "checkpoints", 2, 0), preemption, SignalAt()])
+    trainer.fit(_OneWeight.build(), ckpt_path=resume)
+    return preemption, saved, trainer
+
+
+def test_preemption_saves_once_and_a_signal_at_the_last_step_finishes_the_run(tmp_path, capsys):
+    run = tmp_path / "mid"
+    last = str(run / "checkpoints" / "last.ckpt")
+    # At a periodic step (4 of 6): last.ckpt once, by the preemption, and no periodic save after it.
+    preemption, saved, trainer = _fit_with_signal_at(run, signal_step=4)
+    assert preemption.preempted and trainer.global_step == 4
+    assert saved == ["epoch=0-step=2.ckpt", "last.ckpt", "last.ckpt"]  # step 2's periodic pair, then the preemption's
+    assert (run / "preempted").read_text() == "SIGUSR1 at step 4\n"
+
+    # Resumed, and preempted again before its first periodic save: still one save, no last-v1.ckpt.
+    preemption, saved, trainer = _fit_with_signal_at(run, signal_step=5, resume=last)
+    assert preemption.preempted and saved == ["last.ckpt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+
+    # The marker goes at the next start, even one that finds nothing left to train (the fit
+    # loop is skipped: no on_train_start), so a requeued job is not requeued again.
+    _fit_with_signal_at(run, signal_step=-1, max_steps=5, resume=last)
+    assert not (run / "preempted").exists()
+
+    # During the last step: not a preemption; the run finishes as it would have.
+    preemption, saved, trainer = _fit_with_signal_at(tmp_path / "last", signal_step=6)
+    assert not preemption.preempted and trainer.global_step == 6
+    assert not (tmp_path / "last" / "preempted").exists()
+    assert saved[-2:] == ["epoch=0-step=6.ckpt", "last.ckpt"]
+    assert "SIGUSR1 after the last step (6): finishing the run" in capsys.readouterr().out
+
+
+def test_only_rank_zero_makes_the_wandb_run_id(tmp_path, monkeypatch):
+    """Under srun/torchrun every rank builds its logger at once: a rank that is not 0 never writes
+    the id file (its own id could replace rank 0's), and reads the id once it is there."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from train.wandb_run import wandb_run_id
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert wandb_run_id(tmp_path) is None and not any(tmp_path.iterdir())
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    made = wandb_run_id(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wandb_run_id"]  # written whole, nothing left over
+    assert wandb_run_id(tmp_path) == made
+    monkeypatch.setattr(rank_zero_only, "rank", 3)
+    assert wandb_run_id(tmp_path) == made
+
+
+def test_single_file_checkpoints_are_written_next_to_their_target(tmp_path, monkeypatch):
+    """A save killed midway leaves the previous checkpoint as it was, whatever filesystem $TMPDIR
+    is on (nothing is staged there); the next save clears the leftover."""
+    from train.checkpoint import SameDirectoryCheckpointIO
+
+    staging = tmp_path / "tmp"
+    staging.mkdir()
+    monkeypatch.setenv("TMPDIR", str(staging))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    io, last = SameDirectoryCheckpointIO(), tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"step": 2}, last)
+    real_save = torch.save
+
+    def killed(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 4}, last)
+    assert torch.load(last, weights_only=False) == {"step": 2} and not any(staging.iterdir())
+    from train.stages import resolve_resume
+    assert resolve_resume("auto", tmp_path) == str(last)  # the leftover is not a checkpoint
+    monkeypatch.setattr(torch, "save", real_save)
+    io.save_checkpoint({"step": 6}, last)
+    assert torch.load(last, weights_only=False) == {"step": 6}
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]

@@ -14,7 +14,7 @@ from train.checkpoint import describe, export_safetensors, load_generator
 from train.codec import PatchCodec
 from train.config import ConfigError, FlowConfig, OptimConfig, RunConfig
 from train.ema import EMA
-from train.pretrain import PretrainModule, audio_latent_mask, lr_factor
+from train.pretrain import PretrainModule, adamw, audio_latent_mask, lr_factor, step_generator
 
 FPS, SR = 12, 8000
 
@@ -205,6 +205,33 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(60, opt, 110) == pytest.approx(0.55)  # halfway through the cosine
     assert lr_factor(110, opt, 110) == pytest.approx(0.1)
     assert lr_factor(500, OptimConfig(warmup_steps=10, schedule="constant"), 110) == 1.0
+
+
+def test_weight_decay_reaches_matrices_and_not_offsets_gains_or_biases():
+    model = make_module().model
+    opt = adamw(model.named_parameters(), OptimConfig(weight_decay=0.1), fused=False)
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    by_name = {name: decays[id(p)] for name, p in model.named_parameters()}
+    assert len(by_name) == len(decays)  # every trainable parameter is in exactly one group
+    offsets = [n for n in by_name if n.endswith(".modulation")]
+    projections = [n for n in by_name if n.endswith("to_modulation.weight")]
+    assert offsets and projections
+    assert all(by_name[n] == 0.0 for n in offsets)  # (6, dim) by shape, an adaLN offset
+    assert all(by_name[n] == 0.1 for n in projections)  # the matrices that make the modulation from t
+    assert all(by_name[n] == 0.0 for n, p in model.named_parameters() if p.ndim < 2)
+    assert all(by_name[n] == 0.1 for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith(".modulation"))
+
+
+def test_step_generators_give_every_rank_and_the_shared_draws_their_own_stream():
+    def draws(seed, step, rank):
+        return torch.rand(4, generator=step_generator(seed, step, rank))
+
+    shared = draws(0, 5, None)  # the task and the exit step: the same on every rank
+    assert torch.equal(shared, draws(0, 5, None))
+    ranks = [draws(0, 5, r) for r in range(3)]
+    assert not any(torch.equal(shared, r) for r in ranks)  # rank 0's caption dropout is not the task's draw
+    assert not torch.equal(ranks[0], ranks[1]) and not torch.equal(ranks[0], draws(0, 6, 0)) and not torch.equal(ranks[0], draws(1, 5, 0))
+    assert torch.equal(draws(-1, 5, 0), draws(-1, 5, 0))  # any integer seed
 
 
 def test_audio_mask_to_latent_frames():

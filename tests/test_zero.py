@@ -185,3 +185,61 @@ def test_deepspeed_bf16_parameters_after_an_odd_size_are_unaligned(stage):
                              text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         assert f"offset {offset}\n" in out.stdout, (width, out.stdout[-2000:])
+
+
+OFFLOADED = """
+import torch, lightning as L
+from train.config import OptimConfig
+from train.pretrain import adamw
+from train.strategy import StrategyConfig, build_strategy, optimizer_offloaded
+
+class OneLayer(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 8)
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).pow(2).sum()
+    def configure_optimizers(self):
+        return adamw(self.named_parameters(), OptimConfig(lr=1e-2), False, optimizer_offloaded(self.trainer.strategy))
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(8, 8), batch_size=1)
+
+module = OneLayer()
+before = module.layer.weight.detach().clone()
+strategy = build_strategy(StrategyConfig(name="zero", stage=2, offload_optimizer=True), 1, 1)
+trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_steps=2, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False)
+trainer.fit(module)
+print("stepped", type(trainer.optimizers[0].optimizer).__name__, bool((module.layer.weight.detach() != before).any()))
+"""
+
+
+def test_offloaded_optimizer_is_deepspeeds_cpu_adam_with_adamws_update():
+    """strategy.offload_optimizer=true: DeepSpeed steps an offloaded optimizer only if it is its own
+    CPU Adam (it refuses torch's AdamW), so the stages build that one, with AdamW's update."""
+    import copy
+
+    from train.config import OptimConfig
+    from train.pretrain import adamw
+    from train.strategy import StrategyConfig, build_strategy, optimizer_offloaded
+
+    assert optimizer_offloaded(build_strategy(StrategyConfig(name="zero", stage=3, offload_optimizer=True), 1, 2))
+    assert not optimizer_offloaded(build_strategy(StrategyConfig(name="zero", stage=2), 1, 2)) and not optimizer_offloaded("auto")
+    torch.manual_seed(0)
+    torch_net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    cpu_adam_net = copy.deepcopy(torch_net)
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1)
+    reference, offloaded = adamw(torch_net.named_parameters(), optim, fused=False), adamw(cpu_adam_net.named_parameters(), optim, False, offloaded=True)
+    assert type(offloaded).__name__ == "DeepSpeedCPUAdam"
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for net, opt in ((torch_net, reference), (cpu_adam_net, offloaded)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+    for a, b in zip(torch_net.parameters(), cpu_adam_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and a ZeRO-2 run with the offload trains (DeepSpeed wraps the CPU Adam in its ZeRO optimizer)
+    out = subprocess.run([sys.executable, "-c", OFFLOADED], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "stepped DeepSpeedCPUAdam True" in out.stdout, out.stdout[-2000:]

@@ -84,6 +84,17 @@ class PeriodicCheckpoint(ModelCheckpoint):
         if self.keep and trainer.is_global_zero:
             prune_checkpoints(Path(self.dirpath), self.keep)
 
+    # A preemption has just written last.ckpt (PreemptionCallback runs first: Lightning puts
+    # checkpoint callbacks last). Saving again would write the whole state once or twice more
+    # inside the scheduler's warning time, the end-of-training save as last-v1.ckpt.
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if not was_preempted(trainer):
+            super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def on_train_end(self, trainer, module) -> None:
+        if not was_preempted(trainer):
+            super().on_train_end(trainer, module)
+
 
 class SampleCallback(L.Callback):
     """Every `every_n_steps` (and at the end) write samples and log them to W&B as videos. The
@@ -112,7 +123,8 @@ class SampleCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         n = self.sample.every_n_steps
-        if n and trainer.global_step % n == 0 and trainer.global_step > 0:
+        # A preemption (PreemptionCallback, before this one) has saved: the warning time is not for samples.
+        if n and trainer.global_step % n == 0 and trainer.global_step > 0 and not was_preempted(trainer):
             self._run(trainer, module)
 
     def on_train_end(self, trainer, module):

@@ -3,14 +3,17 @@ Lightning checkpoint (EMA weights when present). The model/codec/data descriptio
 file, so `sample` and `distill` rebuild exactly the network that was trained. Also the on-disk
 life of training checkpoints: written whole or not at all, the newest kept, the newest found."""
 
+import glob
 import json
 import re
 import shutil
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -74,6 +77,26 @@ def replace_directory_atomically(path: Path, write, barrier, is_rank_zero: bool)
         partial.rename(path)
         remove_path(old)
     barrier()
+
+
+class SameDirectoryCheckpointIO(TorchCheckpointIO):
+    """Lightning's single-file checkpoints (DDP, one process), written whole or not at all: into a
+    temporary file next to the target, then renamed over it. Lightning's own writer stages the
+    file in $TMPDIR (fsspec's transaction), and a rename from a local /tmp into a shared run
+    directory is a copy: a kill during it left a torn last.ckpt, the newest file, which
+    resume=auto would take. A leftover of a killed save is no `*.ckpt` (resume=auto never reads
+    it) and the next save of that checkpoint removes it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # Lightning's message / a remote store: its writer
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.partial"):
+            leftover.unlink(missing_ok=True)
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")
+        torch.save(checkpoint, partial)
+        partial.replace(path)
 
 
 def prune_checkpoints(directory: Path, keep: int) -> list[Path]:

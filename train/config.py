@@ -174,8 +174,9 @@ class DistillConfig:
         _require(self.student_steps >= 1, "distill.student_steps", self.student_steps, "must be >= 1")
         if self.student_timesteps is not None:
             ts = [float(t) for t in self.student_timesteps]
-            ok = len(ts) == self.student_steps and all(0 < t <= 1 for t in ts) and all(a > b for a, b in zip(ts[:-1], ts[1:]))
-            _require(ok, "distill.student_timesteps", ts, f"need {self.student_steps} strictly decreasing values in (0, 1] (the final 0 is implied), or null")
+            # The first value is 1: the student's first input is pure noise, which is t = 1.
+            ok = len(ts) == self.student_steps and ts[0] == 1.0 and all(0 < t <= 1 for t in ts) and all(a > b for a, b in zip(ts[:-1], ts[1:]))
+            _require(ok, "distill.student_timesteps", ts, f"need {self.student_steps} strictly decreasing values in (0, 1], the first 1.0 (the student starts from pure noise; the final 0 is implied), or null")
             self.student_timesteps = ts
         _require(self.critic_steps_per_generator_step >= 1, "distill.critic_steps_per_generator_step", self.critic_steps_per_generator_step, "must be >= 1")
         _require(0 <= self.dm_t_min < self.dm_t_max <= 1, "distill.dm_t_min/dm_t_max", (self.dm_t_min, self.dm_t_max), "need 0 <= dm_t_min < dm_t_max <= 1")

@@ -61,7 +61,7 @@ from train.checkpoint import export_weights, load_into, model_args
 from train.pretrain import adamw, build_model, lr_factor, step_generator
 from train.sampling import Guidance, make_velocity_fn, student_schedule
 from train.sequence import build_sequence, segment_timesteps, sequence_length
-from train.strategy import PerNetworkZeroStrategy, is_partitioned, outside_zero_init, parameter_counts
+from train.strategy import PerNetworkZeroStrategy, is_partitioned, optimizer_offloaded, outside_zero_init, parameter_counts
 
 NAMES = ("video", "audio")  # order of the latents in a sample, as build_sequence emits them
 
@@ -250,9 +250,10 @@ class DistillModule(L.LightningModule):
         return self
 
     def configure_optimizers(self):
-        fused = self.device.type == "cuda"
+        fused, offloaded = self.device.type == "cuda", optimizer_offloaded(self.trainer.strategy)
         critic_params = list(self.critic.named_parameters())  # the transformer and the GAN head
-        return [adamw(self.student.named_parameters(), self.optim_student, fused), adamw(critic_params, self.optim_critic, fused)]
+        return [adamw(self.student.named_parameters(), self.optim_student, fused, offloaded),
+                adamw(critic_params, self.optim_critic, fused, offloaded)]
 
     # ---- the networks as train/dmd.py callables -----------------------------------------------
     def velocity(self, net: AVTransformer, captions, guidance: Guidance = Guidance()):
@@ -279,7 +280,7 @@ class DistillModule(L.LightningModule):
         step, rank, cfg = self.global_step, self.global_rank, self.cfg
         g = step_generator(self.run.seed, step, rank)
         # The exit step is drawn without the rank: every rank runs the same number of forwards.
-        exit_index = random_exit_index(cfg.student_steps, step_generator(self.run.seed, step, 0))
+        exit_index = random_exit_index(cfg.student_steps, step_generator(self.run.seed, step, None))
         self._set_lrs(opt_student, opt_critic, step)
 
         with torch.no_grad():
@@ -441,6 +442,7 @@ class DistillModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
         checkpoint["avgen"] = self.meta
         checkpoint["distill_skips"] = dict(self.nonfinite)
+        checkpoint["distill_skips_in_a_row"] = dict(self._in_a_row)  # a streak goes on across a resume
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
 
@@ -450,3 +452,4 @@ class DistillModule(L.LightningModule):
         if self.ema is not None and "ema" in checkpoint:
             self.ema.load_state_dict(checkpoint["ema"])
         self.nonfinite.update(checkpoint.get("distill_skips", {}))
+        self._in_a_row.update(checkpoint.get("distill_skips_in_a_row", {}))

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.flow import add_noise, time_shift
+from train.flow import add_noise, time_shift, time_unshift
 
 Velocity = Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
 
@@ -47,12 +47,23 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.view(-1, *([1] * (x.dim() - 1))).float()
 
 
-def _randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+# One generator for the batch, one per sample, or None (torch's global generator).
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Standard normal shaped like x. With a generator the draw happens on the generator's device in
-    float32, so the same seed gives the same numbers whatever x's device or dtype."""
+    float32, so the same seed gives the same numbers whatever x's device or dtype. A sequence of
+    generators, one per sample along x's first dimension, draws each sample's noise from its own
+    (the sampler's: a clip then depends on its own seed, not on the clips batched with it)."""
     if generator is None:
         return torch.randn_like(x)
-    z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    if isinstance(generator, torch.Generator):
+        z = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+    else:
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}: give one per sample")
+        z = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=torch.float32) for g in generator])
     return z.to(device=x.device, dtype=x.dtype)
 
 
@@ -97,14 +108,18 @@ def dm_timesteps(
     generator: torch.Generator | None = None,
     device=None,
 ) -> torch.Tensor:
-    """Noise levels of the DM and critic losses: uniform in [t_min, t_max], warped by the
-    teacher's shift (flow.time_shift, so large token counts get more high-noise levels, as the
-    teacher was trained), then clamped back to [t_min, t_max]. The ends are cut because at t ~ 0
-    both scores agree with x (no signal) and at t ~ 1 both predict the data mean. Returns (batch,)."""
+    """Noise levels of the DM and critic losses: uniform in [0, 1] warped by the teacher's shift
+    (flow.time_shift, so large token counts get more high-noise levels, as the teacher was
+    trained), restricted to [t_min, t_max]. The ends are cut because at t ~ 0 both scores agree
+    with x (no signal) and at t ~ 1 both predict the data mean. The uniform draw is taken between
+    the unshifted ends, so the shift lands it inside [t_min, t_max] with the warped density (a
+    clamp after the shift would pile the draws beyond the ends onto them: 9% on t_max at shift 6).
+    Returns (batch,)."""
     if not 0.0 <= t_min < t_max <= 1.0:
         raise ValueError(f"dm timesteps: need 0 <= t_min < t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    u = t_min + (t_max - t_min) * torch.rand(batch, generator=generator)
-    return time_shift(u, shift).clamp(t_min, t_max).to(device)
+    lo, hi = time_unshift(t_min, shift), time_unshift(t_max, shift)
+    u = lo + (hi - lo) * torch.rand(batch, generator=generator)
+    return time_shift(u, shift).clamp(t_min, t_max).to(device)  # the clamp only mends float rounding at the ends
 
 
 # --- losses ----------------------------------------------------------------------------------
@@ -258,7 +273,7 @@ def _denoise(student: Velocity, xs: list[torch.Tensor], t: float) -> list[torch.
     return [x0_from_velocity(x, v, tb).to(x.dtype) for x, v in zip(xs, student(xs, tb))]
 
 
-def _renoise(x0: list[torch.Tensor], t: float, generator: torch.Generator | None) -> list[torch.Tensor]:
+def _renoise(x0: list[torch.Tensor], t: float, generator: Generators) -> list[torch.Tensor]:
     tb = _batch_time(t, x0[0])
     return [add_noise(x, _randn_like(x, generator), tb) for x in x0]
 
@@ -269,7 +284,7 @@ def backward_simulate(
     noise: Sequence[torch.Tensor],
     timesteps: torch.Tensor,
     exit_index: int,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> list[torch.Tensor]:
     """The student's own input at step exit_index of its schedule (DMD-2 sec. 4.5).
 
@@ -310,11 +325,13 @@ def student_sample(
     student_velocity: Velocity,
     noise: Sequence[torch.Tensor],
     timesteps: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> list[torch.Tensor]:
     """Inference with the distilled student: the same sampler as backward simulation, run to the
     end; returns the last x0 prediction. K network calls, no guidance. With the same generator its
-    first k steps draw exactly the noise backward_simulate(..., k, generator) draws."""
+    first k steps draw exactly the noise backward_simulate(..., k, generator) draws. The re-noising
+    must be independent of `noise` (as in training): a generator that drew `noise` must go on from
+    there, not be seeded again."""
     ts = _check_timesteps(timesteps)
     xs = [n for n in noise]
     for i in range(len(ts) - 1):

@@ -16,6 +16,11 @@ def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
+def time_unshift(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """The inverse of time_shift: the t that time_shift maps to the given value."""
+    return t / (shift - (shift - 1) * t)
+
+
 def shift_for_tokens(n_tokens: int, base_tokens: int, base_shift: float, max_shift: float) -> float:
     """Resolution-dependent shift: sqrt(n / base) scaling of the signal-to-noise ratio, so a
     sequence of base_tokens gets base_shift and 4x the tokens gets 2x the shift (capped)."""

@@ -4,16 +4,19 @@ SLURM sends SIGUSR1 (`#SBATCH --signal=USR1@<seconds>`, launch/) some time befor
 or a preemption; other schedulers and `kill` send SIGTERM. Either way, at the end of the current
 step every rank agrees to stop (one all-reduce of a flag per step), `checkpoints/last.ckpt` is
 written (the data stream position, RNG and EMA with it), `<run_dir>/preempted` records the step,
-and the run ends cleanly (exit code 0) without the end-of-training samples and export. The batch
-script of launch/slurm.py then requeues the job (`scontrol requeue`, after srun has returned, so
-nothing is killed mid-write); its next start resumes from last.ckpt (resume=auto) in the same run
-directory, with the same W&B run.
+and the run ends cleanly (exit code 0) without the end-of-training samples and export. A signal
+during the last step is not a preemption: the run finishes as it would have (samples, export).
+The batch script of launch/slurm.py then requeues the job (`scontrol requeue`, after srun has
+returned, so nothing is killed mid-write); its next start resumes from last.ckpt (resume=auto)
+in the same run directory, with the same W&B run.
 
-The handlers replace whatever was installed before training started: Lightning's SIGTERM
-handler (which kills the ranks it launched before anyone could save) and W&B's (which ends the
-process), and Lightning's SLURM auto-requeue is turned off where this callback is used (it saves
-an `hpc_ckpt_N.ckpt` outside checkpoints/), so there is one resume path. They are re-installed
-before every step if a library replaced them meanwhile (W&B starts its run lazily).
+The handlers are installed when fit sets up (so a warning during the checkpoint load or the
+compile is kept for the first step's end). They replace whatever was installed before:
+Lightning's SIGTERM handler (which kills the ranks it launched before anyone could save) and
+W&B's (which ends the process); Lightning's SLURM auto-requeue is turned off where this callback
+is used (it saves an `hpc_ckpt_N.ckpt` outside checkpoints/), so there is one resume path. They
+are re-installed before every step if a library replaced them meanwhile (W&B starts its run
+lazily).
 """
 
 import signal
@@ -42,9 +45,20 @@ class PreemptionCallback(L.Callback):
                 self._previous.setdefault(signum, current)
                 signal.signal(signum, self._handler)
 
-    def on_train_start(self, trainer, module):
+    def setup(self, trainer, module, stage):
+        # From the start of fit: a warning that arrives while the checkpoint loads or the blocks
+        # compile is noted (SIGUSR1's default action would end the process), and acted on at the
+        # end of the first step.
+        self._install()
+
+    def on_fit_start(self, trainer, module):
+        # This start is the resume the marker asked for. on_fit_start, not on_train_start: a run
+        # resumed with nothing left to train never starts its training loop, and a marker left
+        # behind would requeue the job forever.
         if trainer.is_global_zero:
-            self.marker.unlink(missing_ok=True)  # this start is the resume it asked for
+            self.marker.unlink(missing_ok=True)
+
+    def on_train_start(self, trainer, module):
         self._install()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -65,14 +79,19 @@ class PreemptionCallback(L.Callback):
         if not stop:
             return
         signame = signal.Signals(self.received).name if self.received else "SIGTERM"
+        trainer._signal_connector.received_sigterm = False  # handled here: no SIGTERMException after the step
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            # The last step is done: the run ends now anyway, with its samples and export. As a
+            # preemption it would skip them, and its requeued job would find nothing to train.
+            print(f"{signame} after the last step ({trainer.global_step}): finishing the run instead of stopping", flush=True)
+            self.received = None
+            return
         print(f"{signame}: saving {self.checkpoint_path} at step {trainer.global_step} and stopping", flush=True)
         trainer.save_checkpoint(self.checkpoint_path)
         if trainer.is_global_zero:
             self.marker.write_text(f"{signame} at step {trainer.global_step}\n")
-        self.preempted = True
+        self.preempted = True  # PeriodicCheckpoint, which runs after this callback, saves nothing more
         trainer.should_stop = True
-        # The checkpoint is written: Lightning need not raise its SIGTERMException after the step.
-        trainer._signal_connector.received_sigterm = False
 
 
 def was_preempted(trainer) -> bool:

@@ -9,6 +9,7 @@ draws exactly what the uninterrupted run would have drawn.
 import math
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -24,14 +25,19 @@ from train.flow import add_noise, per_sample_mse, sample_timesteps, shift_for_to
 from train.metrics import host_scalar, loggable, progress_bar_on
 from train.parallelize import apply_activation_checkpointing, apply_compile
 from train.sequence import build_sequence, segment_timesteps, sequence_length
-from train.strategy import outside_zero_init, parameter_counts
+from train.strategy import optimizer_offloaded, outside_zero_init, parameter_counts
 
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def step_generator(seed: int, step: int, rank: int, device="cpu") -> torch.Generator:
-    # Large odd multipliers keep (seed, step, rank) triples from colliding.
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step * 7919 + rank)
+def step_generator(seed: int, step: int, rank: int | None, device="cpu") -> torch.Generator:
+    """The generator of a step's random draws: the rank's own (noise, timesteps, caption dropout),
+    or with rank=None the draws every rank must make alike (the task, the exit step). Its seed
+    hashes (seed, step, rank) with numpy's SeedSequence, so no two of these streams start alike;
+    in particular the shared one is not rank 0's (sample 0's caption dropout would then repeat
+    the task's draw)."""
+    key = [seed & 0xFFFF_FFFF_FFFF_FFFF, step, 0] if rank is None else [seed & 0xFFFF_FFFF_FFFF_FFFF, step, 1, rank]
+    return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 
 def audio_latent_mask(audio_mask: torch.Tensor, hop: int) -> torch.Tensor:
@@ -84,7 +90,8 @@ class PretrainModule(L.LightningModule):
             self.ema.bind(self.device)
 
     def configure_optimizers(self):
-        opt = adamw(self.model.named_parameters(), self.optim, fused=self.device.type == "cuda")
+        opt = adamw(self.model.named_parameters(), self.optim, fused=self.device.type == "cuda",
+                    offloaded=optimizer_offloaded(self.trainer.strategy))
         total = self.optim.total_steps or max(int(self.trainer.max_steps), 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, self.optim, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -97,7 +104,7 @@ class PretrainModule(L.LightningModule):
         # The task is drawn with the rank left out: every rank builds the same segments (their
         # lengths may differ: the text is trimmed to each rank's captions), so every rank runs
         # the same modules, which ZeRO-3's per-module gathers need.
-        g_task = step_generator(self.run.seed, step, 0)
+        g_task = step_generator(self.run.seed, step, None)
         with_audio = bool(torch.rand((), generator=g_task) >= self.flow.no_audio_rate)
         task = "i2v" if bool(torch.rand((), generator=g_task) < self.flow.i2v_rate) else "t2v"
 
@@ -218,16 +225,25 @@ class PretrainModule(L.LightningModule):
             self.ema.load_state_dict(checkpoint["ema"])
 
 
-def adamw(named_parameters, optim: OptimConfig, fused: bool) -> torch.optim.AdamW:
+def adamw(named_parameters, optim: OptimConfig, fused: bool, offloaded: bool = False) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters: matrices decay; biases, norms, gate logits and
-    modulation offsets do not (decaying a norm's gain or an adaLN offset pulls it to 0)."""
+    modulation offsets do not (decaying a norm's gain or an adaLN offset pulls it to 0).
+    offloaded: DeepSpeed steps it on the CPU (strategy.offload_optimizer), where it takes only
+    its own vectorised CPU AdamW (built on first use, about a minute); the same update."""
     decay, no_decay = [], []
     for name, p in named_parameters:
         if p.requires_grad:
             # ds_shape: a parameter built partitioned (ZeRO-3) is an empty 1-D placeholder here
             matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
-            (decay if matrix and "modulation" not in name else no_decay).append(p)
+            # A block's adaLN offset is a (6, dim) matrix by shape; the projections that make the
+            # modulation from t (`to_modulation.weight`) are ordinary matrices and decay.
+            offset = name.rsplit(".", 1)[-1] == "modulation"
+            (decay if matrix and not offset else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if offloaded:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused)
 
 

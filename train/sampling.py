@@ -44,16 +44,18 @@ class Guidance:
         return self.video != 1.0 or self.audio != 1.0
 
 
-def latent_noise(codec: PatchCodec, spec: ClipSpec, seeds: list[int], device) -> list[torch.Tensor]:
-    """Starting noise for each seed, drawn on the CPU so a seed gives the same clip on any device."""
+def seed_generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per clip, so a seed gives the same clip on any device and in any batch."""
+    return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+
+def latent_noise(codec: PatchCodec, spec: ClipSpec, generators: list[torch.Generator], device) -> list[torch.Tensor]:
+    """Starting noise, [video, audio] latents, each clip's from its own generator."""
     shapes = [codec.video_latent_shape(spec.frames, spec.height, spec.width)]
     if spec.audio_samples:
         shapes.append(codec.audio_latent_shape(spec.audio_samples))
-    per_seed = []
-    for seed in seeds:
-        g = torch.Generator().manual_seed(int(seed))
-        per_seed.append([torch.randn(shape, generator=g) for shape in shapes])
-    return [torch.stack([noise[i] for noise in per_seed]).to(device) for i in range(len(shapes))]
+    per_clip = [[torch.randn(shape, generator=g) for shape in shapes] for g in generators]
+    return [torch.stack([noise[i] for noise in per_clip]).to(device) for i in range(len(shapes))]
 
 
 def make_velocity_fn(model: AVTransformer, captions: list[str], text_len: int, guidance: Guidance, trim_text: bool = False):
@@ -118,12 +120,13 @@ def generate(
     shift: the schedule's shift; if None it is derived from the token count with
     flow_shift_args = (base_tokens, base_shift, max_shift), as in training.
     student: a distilled student's sampler settings ({"steps": K, "timesteps": [...] or None},
-    from its checkpoint): its own K-step sampler instead of Euler, re-noising with a generator
-    seeded from the first seed; `steps` must then equal K."""
+    from its checkpoint): its own K-step sampler instead of Euler, each clip re-noised with fresh
+    draws from its own seed's generator; `steps` must then equal K."""
     if len(captions) != len(seeds):
         raise ValueError(f"generate: {len(captions)} captions but {len(seeds)} seeds")
     device = next(model.parameters()).device
-    noise = latent_noise(codec, spec, seeds, device)
+    generators = seed_generators(seeds)
+    noise = latent_noise(codec, spec, generators, device)
     if shift is None:
         n_tokens = sequence_length(model.args, text_len, noise[0].shape[1:], noise[1].shape[1:] if len(noise) > 1 else None)
         shift = shift_for_tokens(n_tokens, *flow_shift_args) if flow_shift_args else 1.0
@@ -135,7 +138,9 @@ def generate(
             schedule = student_schedule(student, shift)
             if steps != len(schedule) - 1:
                 raise ValueError(f"steps={steps}: this student was distilled for {len(schedule) - 1} steps")
-            latents = student_sample(velocity, noise, schedule, torch.Generator().manual_seed(int(seeds[0])))
+            # Each clip's re-noising goes on from the generator that drew its starting noise: fresh
+            # noise, as in training (a generator seeded again would re-draw the starting noise).
+            latents = student_sample(velocity, noise, schedule, generators)
     video = codec.decode_video(latents[0].float())
     audio = codec.decode_audio(latents[1].float()) if len(latents) > 1 else None
     return video, audio

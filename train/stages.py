@@ -113,8 +113,23 @@ def prepare_data(cfg: DictConfig):
     return loader_cfg
 
 
+def check_steps(trainer_cfg, stage: str) -> None:
+    """Both stages count in optimizer steps: trainer.max_steps is the LR schedule's length, and a
+    step's random draws (noise, timesteps, captions dropped) are seeded by the step."""
+    max_steps = int(trainer_cfg.get("max_steps", -1))
+    if max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={max_steps}: the {stage} stage needs a number of steps >= 1 (the LR schedule's length)")
+    if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
+        why = ("it steps its optimizers itself" if stage == "distill" else
+               "every micro-batch of a step would draw the same noise and timesteps (they are seeded by the step), "
+               "and under ZeRO both Lightning and DeepSpeed would divide the loss by the accumulation")
+        raise ConfigError(f"trainer.accumulate_grad_batches: the {stage} stage takes 1 ({why}); "
+                          "use a larger data.loader.batch_size or more GPUs")
+
+
 def run_pretrain(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_steps(cfg.trainer, "pretrain")
     flow = to_object(FlowConfig, cfg.flow, "flow")
     optim = to_object(OptimConfig, cfg.optimizer, "optimizer")
     sample = to_object(SampleConfig, cfg.sample, "sample")
@@ -187,6 +202,7 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
     from train.callbacks import ExportCallback, PeriodicCheckpoint, RNGStateCallback, SampleCallback
+    from train.checkpoint import SameDirectoryCheckpointIO
     from train.cluster import world_size
     from train.datamodule import AVDataModule
     from train.parallelize import attention_backends
@@ -201,10 +217,11 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     callbacks = [
         # First: a logging step's clock stops before the samples/checkpoints below run.
         ThroughputCallback(run.peak_flops),
+        # Before the samples: a preempted step saves at once, within the scheduler's warning time.
+        PreemptionCallback(run_dir / "checkpoints" / "last.ckpt", marker=run_dir / "preempted"),
         PeriodicCheckpoint(run_dir / "checkpoints", run.checkpoint_every_n_steps, run.keep_checkpoints),
         SampleCallback(sample, run_dir / "samples"),
         RNGStateCallback(),
-        PreemptionCallback(run_dir / "checkpoints" / "last.ckpt", marker=run_dir / "preempted"),
     ]
     if run.export:
         callbacks.append(ExportCallback(run_dir / "export" / "model.safetensors"))
@@ -217,12 +234,14 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
                           "use activation_checkpointing=full, or compile=false")
     strategy = build_strategy(strategy_cfg, loader_cfg.batch_size, world_size(trainer_kwargs), per_network, compiled_blocks=run.compile)
     # Under SLURM, preemption is PreemptionCallback's (one resume path: checkpoints/last.ckpt).
-    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
+    plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    if isinstance(strategy, str):  # single-file checkpoints (ZeRO's directories: train/strategy.py)
+        plugins.append(SameDirectoryCheckpointIO())
     try:
         trainer = L.Trainer(
             **trainer_kwargs,
             strategy=strategy,
-            plugins=plugins,
+            plugins=plugins or None,
             logger=loggers,
             callbacks=callbacks,
             default_root_dir=str(run_dir),
@@ -323,8 +342,7 @@ def run_distill(cfg: DictConfig) -> None:
     if cfg.teacher in (None, "", "???"):
         raise ConfigError("teacher is required: teacher=<pretrain run_dir>/export/model.safetensors (or a .ckpt)")
     trainer_cfg = cfg.trainer
-    if int(trainer_cfg.get("accumulate_grad_batches", 1)) != 1:
-        raise ConfigError("trainer.accumulate_grad_batches: the distill stage steps its optimizers itself; use 1")
+    check_steps(trainer_cfg, "distill")
     if distill.student_window and run.activation_checkpointing == "selective" and not run.compile and trains_on_gpu(cfg):
         # Selective checkpointing runs an eager block's ops under a dispatch mode that skips
         # FlexAttention's own compilation (pytorch/torchtitan#1631): every score computed.

@@ -243,6 +243,12 @@ def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int, 
         raise ConfigError(f"strategy.name=zero: {e}") from None
 
 
+def optimizer_offloaded(strategy) -> bool:
+    """True when DeepSpeed keeps the optimizer states and step on the CPU (strategy.offload_optimizer)."""
+    config = getattr(strategy, "config", None) or {}
+    return bool(config.get("zero_optimization", {}).get("offload_optimizer"))
+
+
 @contextmanager
 def outside_zero_init():
     """Suspend DeepSpeed's zero.Init inside the block (Lightning runs configure_model inside it

@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 
@@ -31,13 +32,7 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path, resolved_config: dict, re
         return None
     os.environ["WANDB_MODE"] = mode
     run_dir.mkdir(parents=True, exist_ok=True)
-    id_file = run_dir / "wandb_run_id"
-    # One W&B run per run directory: a resumed run (same run_dir) continues the same W&B run.
-    if id_file.is_file():
-        run_id = id_file.read_text().strip()
-    else:
-        run_id = uuid.uuid4().hex[:12]
-        id_file.write_text(run_id)
+    run_id = wandb_run_id(run_dir)
     logger = WandbLogger(
         project=cfg.project,
         name=cfg.name or run_dir.name,
@@ -50,3 +45,22 @@ def build_wandb_logger(cfg: DictConfig, run_dir: Path, resolved_config: dict, re
     if not resuming:
         logger.log_hyperparams(resolved_config)
     return logger
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """One W&B run per run directory: a resumed run (same run_dir) continues the same W&B run,
+    whose id is kept in <run_dir>/wandb_run_id. Only global rank 0 logs to W&B, so only it makes
+    the id: under srun or torchrun every rank starts at once, and ranks that each wrote an id of
+    their own could leave another rank's in the file (the next start would then open a new run).
+    The file is written whole (a temporary name, then a rename). Other ranks get the id if it is
+    there, else None (they never open the run)."""
+    id_file = run_dir / "wandb_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    if rank_zero_only.rank != 0:
+        return None
+    run_id = uuid.uuid4().hex[:12]
+    partial = id_file.with_name(f"{id_file.name}.{run_id}.tmp")
+    partial.write_text(run_id)
+    partial.replace(id_file)
+    return run_id
