@@ -61,15 +61,19 @@ class StreamTimes:
 
 def stream_times(stream: av.stream.Stream, container: av.container.InputContainer) -> StreamTimes:
     """Declared start and duration of `stream`. Matroska/WebM have no per-stream duration field;
-    their muxers (FFmpeg, mkvmerge) write one as the track's DURATION tag, which is read next. The
-    container's duration comes last: it spans the longest stream, so audio that outlasts the
-    video would make a complete video look cut short."""
+    their muxers write the track's DURATION tag, which is read next: FFmpeg (container ENCODER
+    "Lavf...") writes the track's end time there, mkvmerge its duration. The container's
+    duration comes last: it spans the longest stream, so audio that outlasts the video would
+    make a complete video look cut short."""
     start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
     if stream.duration is not None and stream.duration > 0:
         return StreamTimes(start, float(stream.duration * stream.time_base))
     tagged = _duration_tag(stream.metadata)
     if tagged is not None:
-        return StreamTimes(start, tagged)
+        end_time = str(container.metadata.get("ENCODER", "")).startswith("Lavf")
+        duration = tagged - start if end_time else tagged
+        if duration > 0:
+            return StreamTimes(start, duration)
     if container.duration is not None and container.duration > 0:
         return StreamTimes(start, container.duration / av.time_base - start)
     return StreamTimes(start, None)

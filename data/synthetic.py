@@ -66,6 +66,9 @@ def synthetic_clip(cfg: SyntheticConfig, index: int) -> tuple[bytes, dict]:
     return buffer.getvalue(), clip_meta(cfg, index, scene)
 
 
+SYNTHETIC_RECORD = "synthetic.json"  # the SyntheticConfig a directory's set was written with
+
+
 def synthetic_shard_paths(cfg: SyntheticConfig, out_dir: str) -> list[str]:
     """The shards cfg makes: out_dir/<prefix>-NNNNNN.tar, cfg.clips_per_shard clips each."""
     return [os.path.join(out_dir, f"{cfg.prefix}-{i:06d}.tar") for i in range(math.ceil(cfg.num_clips / cfg.clips_per_shard))]
@@ -78,6 +81,13 @@ def write_synthetic_shards(cfg: SyntheticConfig, out_dir: str, only_missing: boo
     ranks that write the same (deterministic) set at once do not collide. Returns the shard paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = synthetic_shard_paths(cfg, out_dir)
+    # What the set is made from, before any shard: train/datamodule.prepare_synthetic completes a
+    # set only if it was begun with the same config.
+    record = os.path.join(out_dir, SYNTHETIC_RECORD)
+    partial = f"{record}.{uuid.uuid4().hex[:12]}.tmp"
+    with open(partial, "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=1)
+    os.replace(partial, record)
     for shard, path in enumerate(paths):
         if only_missing and os.path.exists(path):
             continue

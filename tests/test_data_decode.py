@@ -193,3 +193,31 @@ def test_matroska_video_is_judged_by_its_own_duration_when_audio_outlasts_it():
     for seed in range(8):
         clip = decode_clip(data, spec(), random.Random(seed))
         assert clip.start <= 2.0 + 1e-6 and clip.audio_mask.all()
+
+
+def test_matroska_duration_tag_written_by_ffmpeg_is_the_tracks_end_time():
+    """FFmpeg's Matroska muxer writes the track's end time as its DURATION tag: a video from 1 s
+    to 3 s lasts 2 s, not 3."""
+    import fractions
+
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="matroska") as container:
+        video = container.add_stream("mpeg4", rate=24)
+        video.width = video.height = 32
+        video.pix_fmt = "yuv420p"
+        for i in range(48):
+            frame = av.VideoFrame.from_ndarray(np.zeros((32, 32, 3), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 24 + i, fractions.Fraction(1, 24)
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+    data = out.getvalue()
+    with open_media(data) as container:
+        stream = container.streams.video[0]
+        assert stream.metadata["DURATION"].startswith("00:00:03") and container.metadata["ENCODER"].startswith("Lavf")
+        times = stream_times(stream, container)
+    assert times.start == pytest.approx(1.0) and times.duration == pytest.approx(2.0)
+    assert probe_media(data)["duration"] == pytest.approx(2.0)

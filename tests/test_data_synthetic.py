@@ -112,7 +112,7 @@ def test_video_frames_follow_the_clip_window(synthetic_dir):
 def test_cli_writes_shards(tmp_path, capsys):
     assert synthetic_main(["--out", str(tmp_path), "--num-clips", "3", "--clips-per-shard", "2", "--seconds", "1",
                            "--width", "64", "--height", "64", "--languages", "en,de"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-000000.tar", "synthetic-000001.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic.json"]
     with tarfile.open(tmp_path / "synthetic-000001.tar") as tar:
         meta = json.loads(tar.extractfile("synthetic_000002.json").read())
     assert meta["languages"] == ["en", "de"] and set(meta["captions"]) == {"en", "de"}
@@ -120,6 +120,7 @@ def test_cli_writes_shards(tmp_path, capsys):
 
 
 def test_prepare_synthetic_completes_a_set_cut_short_and_leaves_others_alone(tmp_path, capsys):
+    import dataclasses
     import shutil
     import threading
     from types import SimpleNamespace
@@ -145,6 +146,14 @@ def test_prepare_synthetic_completes_a_set_cut_short_and_leaves_others_alone(tmp
     assert sorted(p.name for p in other.iterdir()) == ["mine-000000.tar"]
     assert "training on them as they are" in capsys.readouterr().out
 
+    # A set of the same names from other options (here fewer clips: its one shard is the first
+    # name of this config's two) is not mixed with this config's clips.
+    smaller = tmp_path / "smaller"
+    write_synthetic_shards(dataclasses.replace(cfg, num_clips=2), str(smaller))
+    prepare_synthetic(cfg, SimpleNamespace(shards=str(smaller)))
+    assert sorted(p.name for p in smaller.glob("*.tar")) == [first.name]
+    assert "training on them as they are" in capsys.readouterr().out
+
     # Ranks that write the same set at once (each calls prepare_synthetic) do not collide.
     both = tmp_path / "both"
     errors = []
@@ -159,4 +168,4 @@ def test_prepare_synthetic_completes_a_set_cut_short_and_leaves_others_alone(tmp
     for t in threads:
         t.join()
     assert not errors and [p.read_bytes() for p in sorted(both.glob("*.tar"))] == whole
-    assert sorted(p.name for p in both.iterdir()) == [first.name, second.name]  # no temporary files left
+    assert sorted(p.name for p in both.iterdir()) == [first.name, second.name, "synthetic.json"]  # no temporary files left

@@ -260,12 +260,22 @@ def test_preemption_saves_once_and_a_signal_at_the_last_step_finishes_the_run(tm
     _fit_with_signal_at(run, signal_step=-1, max_steps=5, resume=last)
     assert not (run / "preempted").exists()
 
-    # During the last step: not a preemption; the run finishes as it would have.
+    # During the last step: not a preemption. last.ckpt is saved first (the run may be killed
+    # during its samples and export), once, and the run finishes as it would have.
     preemption, saved, trainer = _fit_with_signal_at(tmp_path / "last", signal_step=6)
     assert not preemption.preempted and trainer.global_step == 6
     assert not (tmp_path / "last" / "preempted").exists()
-    assert saved[-2:] == ["epoch=0-step=6.ckpt", "last.ckpt"]
-    assert "SIGUSR1 after the last step (6): finishing the run" in capsys.readouterr().out
+    assert saved == ["epoch=0-step=2.ckpt", "last.ckpt", "epoch=0-step=4.ckpt", "last.ckpt", "last.ckpt"]
+    assert "SIGUSR1: saving" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last" / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+
+    # Preempted before the first periodic save, then resumed: later saves replace last.ckpt
+    # (no last-v1.ckpt beside a stale one).
+    early = tmp_path / "early"
+    _fit_with_signal_at(early, signal_step=1)
+    _fit_with_signal_at(early, signal_step=-1, resume=str(early / "checkpoints" / "last.ckpt"))
+    assert sorted(p.name for p in (early / "checkpoints").iterdir()) == [
+        "epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "epoch=0-step=6.ckpt", "last.ckpt"]
 
 
 def test_only_rank_zero_makes_the_wandb_run_id(tmp_path, monkeypatch):

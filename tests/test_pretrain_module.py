@@ -207,7 +207,7 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_factor(500, OptimConfig(warmup_steps=10, schedule="constant"), 110) == 1.0
 
 
-def test_weight_decay_reaches_matrices_and_not_offsets_gains_or_biases():
+def test_weight_decay_reaches_matrices_and_not_modulation_gains_or_biases():
     model = make_module().model
     opt = adamw(model.named_parameters(), OptimConfig(weight_decay=0.1), fused=False)
     decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
@@ -216,10 +216,9 @@ def test_weight_decay_reaches_matrices_and_not_offsets_gains_or_biases():
     offsets = [n for n in by_name if n.endswith(".modulation")]
     projections = [n for n in by_name if n.endswith("to_modulation.weight")]
     assert offsets and projections
-    assert all(by_name[n] == 0.0 for n in offsets)  # (6, dim) by shape, an adaLN offset
-    assert all(by_name[n] == 0.1 for n in projections)  # the matrices that make the modulation from t
+    assert all(by_name[n] == 0.0 for n in offsets + projections)  # the adaLN modulation, offsets and projections
     assert all(by_name[n] == 0.0 for n, p in model.named_parameters() if p.ndim < 2)
-    assert all(by_name[n] == 0.1 for n, p in model.named_parameters() if p.ndim >= 2 and not n.endswith(".modulation"))
+    assert all(by_name[n] == 0.1 for n, p in model.named_parameters() if p.ndim >= 2 and "modulation" not in n)
 
 
 def test_step_generators_give_every_rank_and_the_shared_draws_their_own_stream():
@@ -232,6 +231,8 @@ def test_step_generators_give_every_rank_and_the_shared_draws_their_own_stream()
     assert not any(torch.equal(shared, r) for r in ranks)  # rank 0's caption dropout is not the task's draw
     assert not torch.equal(ranks[0], ranks[1]) and not torch.equal(ranks[0], draws(0, 6, 0)) and not torch.equal(ranks[0], draws(1, 5, 0))
     assert torch.equal(draws(-1, 5, 0), draws(-1, 5, 0))  # any integer seed
+    noise = torch.rand(4, generator=step_generator(0, 5, 0, "cpu", stream=1))  # the device's stream, on a CPU run
+    assert not torch.equal(noise, ranks[0])
 
 
 def test_audio_mask_to_latent_frames():

@@ -17,7 +17,7 @@ from train.checkpoint import export_safetensors, prune_checkpoints
 from train.config import SampleConfig
 from train.distributed import gather_per_rank, own_entry
 from train.media import write_av_mp4
-from train.preemption import was_preempted
+from train.preemption import saved_on_signal, was_preempted
 from train.sampling import ClipSpec, Guidance, generate
 from train.strategy import is_partitioned
 
@@ -76,7 +76,11 @@ class PeriodicCheckpoint(ModelCheckpoint):
     written under another keep_checkpoints, are pruned too."""
 
     def __init__(self, dirpath: Path, every_n_steps: int, keep: int):
-        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_steps, save_last=True, save_top_k=-1)
+        # No version counter: a checkpoint saved again under its name replaces it (whole or not at
+        # all, train/checkpoint.py), never a second `last-v1.ckpt` beside a stale `last.ckpt`
+        # (which a run resumed from a signal's save, unknown to this callback's state, would get).
+        super().__init__(dirpath=dirpath, every_n_train_steps=every_n_steps, save_last=True, save_top_k=-1,
+                         enable_version_counter=False)
         self.keep = keep
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -84,15 +88,15 @@ class PeriodicCheckpoint(ModelCheckpoint):
         if self.keep and trainer.is_global_zero:
             prune_checkpoints(Path(self.dirpath), self.keep)
 
-    # A preemption has just written last.ckpt (PreemptionCallback runs first: Lightning puts
-    # checkpoint callbacks last). Saving again would write the whole state once or twice more
-    # inside the scheduler's warning time, the end-of-training save as last-v1.ckpt.
+    # A signal's save has just written last.ckpt at this step (PreemptionCallback runs first:
+    # Lightning puts checkpoint callbacks last). Saving again would write the whole state once or
+    # twice more inside the scheduler's warning time.
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
-        if not was_preempted(trainer):
+        if not saved_on_signal(trainer):
             super().on_train_batch_end(trainer, *args, **kwargs)
 
     def on_train_end(self, trainer, module) -> None:
-        if not was_preempted(trainer):
+        if not saved_on_signal(trainer):
             super().on_train_end(trainer, module)
 
 

@@ -2,6 +2,8 @@
 batches go by (skip counts, stream position) and saves the position in checkpoints, so a resumed
 run continues the stream instead of restarting the epoch."""
 
+import dataclasses
+import json
 from pathlib import Path
 
 import lightning as L
@@ -9,24 +11,26 @@ import lightning as L
 from data.config import LoaderConfig, SyntheticConfig
 from data.loader import build_loader
 from data.state import StreamState
-from data.synthetic import synthetic_shard_paths, write_synthetic_shards
+from data.synthetic import SYNTHETIC_RECORD, synthetic_shard_paths, write_synthetic_shards
 from train.config import ConfigError
 from train.distributed import gather_per_rank, own_entry
 
 
 def prepare_synthetic(synthetic: SyntheticConfig, loader: LoaderConfig) -> None:
-    """Write the synthetic dataset into loader.shards when it is not there. A set this config
-    began and did not finish (its shards, some missing: a run stopped while writing) is
-    completed; the set is deterministic, so the shards already there are kept. Shards of another
-    making (`python -m data.synthetic` with other options) are used as they are."""
+    """Write the synthetic dataset into loader.shards when it is not there. A set begun with this
+    same config and not finished (a run stopped while writing it) is completed; the set is
+    deterministic, so the shards already there are kept. A set of another making (other options,
+    `python -m data.synthetic`, or written before the config was recorded) is used as it is."""
     out = Path(loader.shards)
     expected = [Path(p) for p in synthetic_shard_paths(synthetic, str(out))]
     present = sorted(out.glob("*.tar")) if out.is_dir() else []
     missing = [p for p in expected if p not in present]
     if not missing:
         return
-    if any(p not in expected for p in present):
-        print(f"{out} holds {len(present)} shards that data.synthetic does not write ({present[0].name} ...): "
+    record = out / SYNTHETIC_RECORD
+    begun_here = record.is_file() and json.loads(record.read_text()) == dataclasses.asdict(synthetic)
+    if present and not begun_here:
+        print(f"{out} holds {len(present)} shards that data.synthetic did not write ({present[0].name} ...): "
               f"training on them as they are", flush=True)
         return
     print(f"writing the synthetic dataset ({synthetic.num_clips} clips, {len(missing)} of {len(expected)} shards) to {out} ...", flush=True)

@@ -5,7 +5,8 @@ or a preemption; other schedulers and `kill` send SIGTERM. Either way, at the en
 step every rank agrees to stop (one all-reduce of a flag per step), `checkpoints/last.ckpt` is
 written (the data stream position, RNG and EMA with it), `<run_dir>/preempted` records the step,
 and the run ends cleanly (exit code 0) without the end-of-training samples and export. A signal
-during the last step is not a preemption: the run finishes as it would have (samples, export).
+during the last step is not a preemption: last.ckpt is saved, then the run finishes as it would
+have (samples, export).
 The batch script of launch/slurm.py then requeues the job (`scontrol requeue`, after srun has
 returned, so nothing is killed mid-write); its next start resumes from last.ckpt (resume=auto)
 in the same run directory, with the same W&B run.
@@ -33,6 +34,7 @@ class PreemptionCallback(L.Callback):
         self.marker = Path(marker)
         self.received: int | None = None
         self.preempted = False
+        self.saved_step: int | None = None  # the global step of this callback's last save
         self._previous = {}
 
     def _handler(self, signum, frame):
@@ -80,20 +82,28 @@ class PreemptionCallback(L.Callback):
             return
         signame = signal.Signals(self.received).name if self.received else "SIGTERM"
         trainer._signal_connector.received_sigterm = False  # handled here: no SIGTERMException after the step
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-            # The last step is done: the run ends now anyway, with its samples and export. As a
-            # preemption it would skip them, and its requeued job would find nothing to train.
-            print(f"{signame} after the last step ({trainer.global_step}): finishing the run instead of stopping", flush=True)
+        last_step = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        print(f"{signame}: saving {self.checkpoint_path} at step {trainer.global_step}"
+              f"{', then finishing the run (its last step)' if last_step else ' and stopping'}", flush=True)
+        trainer.save_checkpoint(self.checkpoint_path)
+        self.saved_step = trainer.global_step  # PeriodicCheckpoint (it runs after this) saves nothing more at this step
+        if last_step:
+            # The run ends now anyway, with its samples and export. As a preemption it would skip
+            # them, and its requeued job would find nothing to train; killed during them, it
+            # leaves the final state in last.ckpt.
             self.received = None
             return
-        print(f"{signame}: saving {self.checkpoint_path} at step {trainer.global_step} and stopping", flush=True)
-        trainer.save_checkpoint(self.checkpoint_path)
         if trainer.is_global_zero:
             self.marker.write_text(f"{signame} at step {trainer.global_step}\n")
-        self.preempted = True  # PeriodicCheckpoint, which runs after this callback, saves nothing more
+        self.preempted = True
         trainer.should_stop = True
 
 
 def was_preempted(trainer) -> bool:
     """True when the run is ending because of a preemption signal (skip end-of-run work)."""
     return any(isinstance(c, PreemptionCallback) and c.preempted for c in trainer.callbacks)
+
+
+def saved_on_signal(trainer) -> bool:
+    """True when a signal's checkpoint holds the current step already."""
+    return any(isinstance(c, PreemptionCallback) and c.saved_step == trainer.global_step for c in trainer.callbacks)

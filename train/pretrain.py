@@ -30,13 +30,15 @@ from train.strategy import optimizer_offloaded, outside_zero_init, parameter_cou
 T_BUCKETS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def step_generator(seed: int, step: int, rank: int | None, device="cpu") -> torch.Generator:
-    """The generator of a step's random draws: the rank's own (noise, timesteps, caption dropout),
-    or with rank=None the draws every rank must make alike (the task, the exit step). Its seed
-    hashes (seed, step, rank) with numpy's SeedSequence, so no two of these streams start alike;
-    in particular the shared one is not rank 0's (sample 0's caption dropout would then repeat
-    the task's draw)."""
-    key = [seed & 0xFFFF_FFFF_FFFF_FFFF, step, 0] if rank is None else [seed & 0xFFFF_FFFF_FFFF_FFFF, step, 1, rank]
+def step_generator(seed: int, step: int, rank: int | None, device="cpu", stream: int = 0) -> torch.Generator:
+    """The generator of a step's random draws: the rank's own (stream 0 for the host's draws:
+    timesteps, caption dropout; stream 1 for the noise, on the device), or with rank=None the
+    draws every rank must make alike (the task, the exit step). Its seed hashes (seed, step,
+    rank, stream) with numpy's SeedSequence, so no two of these start alike: the shared stream
+    is not rank 0's (sample 0's caption dropout would then repeat the task's draw), and on a
+    CPU run the noise does not repeat the timesteps' draws."""
+    seed = seed & 0xFFFF_FFFF_FFFF_FFFF
+    key = [seed, step, 0] if rank is None else [seed, step, 1, rank, stream]
     return torch.Generator(device=device).manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
 
 
@@ -100,7 +102,7 @@ class PretrainModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         step, rank = self.global_step, self.global_rank
         g_cpu = step_generator(self.run.seed, step, rank)
-        g_dev = step_generator(self.run.seed, step, rank, self.device)
+        g_dev = step_generator(self.run.seed, step, rank, self.device, stream=1)
         # The task is drawn with the rank left out: every rank builds the same segments (their
         # lengths may differ: the text is trimmed to each rank's captions), so every rank runs
         # the same modules, which ZeRO-3's per-module gathers need.
@@ -226,8 +228,11 @@ class PretrainModule(L.LightningModule):
 
 
 def adamw(named_parameters, optim: OptimConfig, fused: bool, offloaded: bool = False) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: matrices decay; biases, norms, gate logits and
-    modulation offsets do not (decaying a norm's gain or an adaLN offset pulls it to 0).
+    """AdamW over the trainable parameters: matrices decay; biases, norms, gate logits and all
+    of the adaLN modulation (the blocks' offsets and the `to_modulation` projections that make
+    it from t) do not: decay pulls a norm's gain or the modulation to 0, and adaLN-Zero's gates
+    start there. (Which parameters are in which group is part of every checkpoint's optimizer
+    state: changing it stops earlier runs from resuming.)
     offloaded: DeepSpeed steps it on the CPU (strategy.offload_optimizer), where it takes only
     its own vectorised CPU AdamW (built on first use, about a minute); the same update."""
     decay, no_decay = [], []
@@ -235,10 +240,7 @@ def adamw(named_parameters, optim: OptimConfig, fused: bool, offloaded: bool = F
         if p.requires_grad:
             # ds_shape: a parameter built partitioned (ZeRO-3) is an empty 1-D placeholder here
             matrix = len(getattr(p, "ds_shape", p.shape)) >= 2
-            # A block's adaLN offset is a (6, dim) matrix by shape; the projections that make the
-            # modulation from t (`to_modulation.weight`) are ordinary matrices and decay.
-            offset = name.rsplit(".", 1)[-1] == "modulation"
-            (decay if matrix and not offset else no_decay).append(p)
+            (decay if matrix and "modulation" not in name else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if offloaded:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
