@@ -67,7 +67,9 @@ def probe_sdpa(S=16384, H=40, KV=8, D=128):
                     out = fwd()
                     grad = torch.randn_like(out)
                     t_f = bench_ms(fwd)
-                    t_fb = bench_ms(lambda: fwd().backward(grad))
+                    # autograd.grad, not .backward: no accumulation into .grad (one more add per input each time)
+                    leaves = [q, k_gqa, v_gqa] if gqa == "repeat" else [q, k, v]
+                    t_fb = bench_ms(lambda: torch.autograd.grad(fwd(), leaves, grad))
                 results[key] = {"fwd_tflops": round(flops / t_f / 1e9, 1), "fwd_bwd_tflops": round(3.5 * flops / t_fb / 1e9, 1)}
             except Exception as e:  # a backend refusing an input is the finding
                 results[key] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}

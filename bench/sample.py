@@ -195,10 +195,11 @@ def time_clip(models: dict[int, AVTransformer], full_args: ModelArgs, clip: str,
         if args.full:
             row[name] = measured[n_layers]
         else:
-            (d1, t1), (d2, t2) = sorted(measured.items())
-            per_layer = (t2 - t1) / (d2 - d1)
-            row[name] = t1 + (n_layers - d1) * per_layer
+            per_layer, fixed, fit = extrapolate(measured)
+            row[name] = fixed + n_layers * per_layer
             row[name.replace("_s", "_per_layer_s")] = per_layer
+            row[name.replace("_s", "_fixed_s")] = fixed
+            row[name.replace("_s", "_fit")] = fit
     row["teacher_cfg_forward_s"] = row["student_forward_s"] + row["uncond_forward_s"]
     row["student_8_steps_s"] = STUDENT_STEPS * row["student_forward_s"]
     row["teacher_50_steps_cfg_s"] = TEACHER_STEPS * row["teacher_cfg_forward_s"]
@@ -206,6 +207,20 @@ def time_clip(models: dict[int, AVTransformer], full_args: ModelArgs, clip: str,
     row["forward_tflops"] = flops / 1e12
     row["forward_tflops_per_s"] = flops / row["student_forward_s"] / 1e12
     return row
+
+
+def extrapolate(measured: dict[int, float]) -> tuple[float, float, str]:
+    """(seconds a layer, fixed seconds, how) from the forward times of two depths: the model's time
+    is a fixed part (embeddings, heads) plus one per layer. The line through the two points
+    multiplies their timing noise by about (layers - d1) / (d2 - d1) at full depth, and noise
+    can give it a negative fixed part, which no model has; then the fit is the least-squares
+    line with no fixed part, from both points."""
+    (d1, t1), (d2, t2) = sorted(measured.items())
+    per_layer = (t2 - t1) / (d2 - d1)
+    fixed = t1 - d1 * per_layer
+    if fixed >= 0:
+        return per_layer, fixed, "line through both depths"
+    return (d1 * t1 + d2 * t2) / (d1 * d1 + d2 * d2), 0.0, "no fixed part (the line's was negative: timing noise)"
 
 
 def table(rows: list[dict], title: str) -> str:

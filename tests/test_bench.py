@@ -143,15 +143,26 @@ def test_sample_bench_extrapolates_layers_on_cpu(tmp_path):
     assert (tmp_path / f"sample_cpu_{result['date']}.md").is_file()
     (row,) = json.loads((tmp_path / f"sample_cpu_{result['date']}.json").read_text())["results"]
     assert result["extrapolated_from_depths"] == [3, 5]
-    # tiny has 1 + 2 + 1 = 4 layers: one forward = t(3 layers) + 1 x (t(5) - t(3)) / 2
+    # tiny has 1 + 2 + 1 = 4 layers: one forward = fixed + 4 x per layer, from the two depths
     for name in ("student_forward", "uncond_forward"):
         t3, t5 = row[f"{name}_measured_s"]["3"], row[f"{name}_measured_s"]["5"]
-        assert row[f"{name}_s"] == pytest.approx(t3 + (4 - 3) * (t5 - t3) / 2)
+        per_layer, fixed, fit = sample.extrapolate({3: t3, 5: t5})
+        assert row[f"{name}_s"] == pytest.approx(fixed + 4 * per_layer) and row[f"{name}_fit"] == fit
     assert row["student_8_steps_s"] == pytest.approx(8 * row["student_forward_s"])
     assert row["teacher_cfg_forward_s"] == pytest.approx(row["student_forward_s"] + row["uncond_forward_s"])
     assert row["teacher_50_steps_cfg_s"] == pytest.approx(50 * row["teacher_cfg_forward_s"])
     # text 256 bytes + video 1+6 latent frames of 2x2 tokens + audio 22 latents
     assert row["tokens"] == 256 + 7 * 2 * 2 + 22
+
+
+def test_sample_extrapolation_keeps_the_fixed_part_non_negative():
+    # a fixed part and 0.2 s a layer: the line through both depths, exactly
+    per_layer, fixed, fit = sample.extrapolate({3: 0.05 + 0.6, 5: 0.05 + 1.0})
+    assert (per_layer, fixed, fit) == (pytest.approx(0.2), pytest.approx(0.05), "line through both depths")
+    # lease 4's bf16 1080p forward (H100): the line's fixed part is -35 ms, so at 40 layers it
+    # gave 8.005 s; with no fixed part, least squares from both points: 7.714 s
+    per_layer, fixed, fit = sample.extrapolate({3: 0.5684, 5: 0.9704})
+    assert fixed == 0.0 and fit.startswith("no fixed part") and 40 * per_layer == pytest.approx(7.714, abs=1e-3)
 
 
 def test_sample_bench_times_each_float8_recipe_on_cpu(tmp_path):

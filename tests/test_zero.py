@@ -243,3 +243,79 @@ def test_offloaded_optimizer_is_deepspeeds_cpu_adam_with_adamws_update():
     out = subprocess.run([sys.executable, "-c", OFFLOADED], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "stepped DeepSpeedCPUAdam True" in out.stdout, out.stdout[-2000:]
+
+
+UNUSED_WEIGHTS = """
+import sys
+import torch, lightning as L, deepspeed
+from train.strategy import StrategyConfig, build_strategy
+
+class TwoLayers(L.LightningModule):
+    # step 0 uses both layers; later steps only the first (as a video-only step leaves the audio head out)
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    def training_step(self, batch, batch_idx):
+        out = self.used(batch)
+        if self.global_step == 0:
+            out = out + self.unused(batch)
+        return out.pow(2).sum()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)  # no momentum or decay: a zero gradient moves nothing
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(8, 8), batch_size=1)
+
+class Watch(L.Callback):
+    def on_train_batch_end(self, trainer, module, *args):
+        with deepspeed.zero.GatheredParameters([module.unused.weight]):
+            print("unused", trainer.global_step, module.unused.weight.detach().sum().item())
+
+trainer = L.Trainer(accelerator="cpu", devices=1, strategy=build_strategy(StrategyConfig(name="zero", stage=int(sys.argv[1])), 1, 1),
+                    max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[Watch()])
+trainer.fit(TwoLayers())
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_weight_a_step_does_not_use_stays_where_it_is(stage):
+    """DeepSpeed's ZeRO-3 optimizer rebuilds each step's gradients from a buffer of partitions
+    that only used weights write into: a weight the step leaves out (the audio head when
+    flow.no_audio_rate drops the audio) would get its last gradient again. With plain SGD it must
+    not move after the step that used it (train/strategy.py: clear_gradient_partitions)."""
+    out = subprocess.run([sys.executable, "-c", UNUSED_WEIGHTS, str(stage)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sums = [float(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("unused ")]
+    assert len(sums) == 3 and sums[0] == sums[1] == sums[2], out.stdout  # after steps 0, 1, 2: moved at 0 only
+
+
+def test_resume_under_another_layout_is_refused_before_start(tmp_path):
+    """DeepSpeed loads a ZeRO checkpoint only under its own stage and (ZeRO-3) number of ranks,
+    failing otherwise with a bare AssertionError from inside its loader: refused in one line first."""
+    from train.config import ConfigError
+    from train.strategy import check_resume_layout
+
+    def zero_checkpoint(name, stage, ranks):
+        tag = tmp_path / name / "checkpoint"
+        tag.mkdir(parents=True)
+        for r in range(ranks):
+            (tag / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt").touch()
+            if stage == 3:
+                (tag / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").touch()
+        if stage == 2:
+            (tag / "mp_rank_00_model_states.pt").touch()
+        return tmp_path / name
+
+    z2, z3 = zero_checkpoint("z2.ckpt", 2, 2), zero_checkpoint("z3.ckpt", 3, 2)
+    single = tmp_path / "single.ckpt"
+    single.touch()
+    check_resume_layout(z2, 2, 2)
+    check_resume_layout(z3, 3, 2)
+    check_resume_layout(single, None, 1)
+    with pytest.raises(ConfigError, match=r"z2.ckpt: written under ZeRO-2 by 2 rank\(s\), and this run is ZeRO-3 on 2; .*strategy=zero2 on 2"):
+        check_resume_layout(z2, 3, 2)
+    with pytest.raises(ConfigError, match=r"written under ZeRO-3 by 2 rank\(s\), and this run is ZeRO-3 on 64"):
+        check_resume_layout(z3, 3, 64)
+    with pytest.raises(ConfigError, match="a single-file checkpoint, written without ZeRO"):
+        check_resume_layout(single, 2, 1)
+    with pytest.raises(ConfigError, match="a DeepSpeed ZeRO checkpoint; resume it with the strategy it was written with"):
+        check_resume_layout(z3, None, 1)

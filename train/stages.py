@@ -207,7 +207,7 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
     from train.datamodule import AVDataModule
     from train.parallelize import attention_backends
     from train.preemption import PreemptionCallback
-    from train.strategy import StrategyConfig, build_strategy
+    from train.strategy import StrategyConfig, build_strategy, check_resume_layout
     from train.throughput import ThroughputCallback
     from train.wandb_run import build_loggers
 
@@ -232,6 +232,8 @@ def fit(cfg: DictConfig, module, run: RunConfig, sample: SampleConfig, loader_cf
         raise ConfigError("activation_checkpointing=selective with compile=true under ZeRO-3: the blocks compile inside their "
                           "checkpoint there (train/parallelize.py), where the selective policy cannot see their ops; "
                           "use activation_checkpointing=full, or compile=false")
+    if ckpt_path is not None:
+        check_resume_layout(ckpt_path, strategy_cfg.stage if strategy_cfg.name == "zero" else None, world_size(trainer_kwargs))
     strategy = build_strategy(strategy_cfg, loader_cfg.batch_size, world_size(trainer_kwargs), per_network, compiled_blocks=run.compile)
     # Under SLURM, preemption is PreemptionCallback's (one resume path: checkpoints/last.ckpt).
     plugins = [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []

@@ -73,6 +73,11 @@ class ZeroStrategy(DeepSpeedStrategy):
     def _write_checkpoint(self, checkpoint: dict, path: Path, storage_options=None) -> None:
         DeepSpeedStrategy.save_checkpoint(self, checkpoint, str(path), storage_options)
 
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs):
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        clear_gradient_partitions(self.deepspeed_engine)
+        return out
+
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None, config=None):
         """deepspeed.initialize, as Lightning calls it, with a device rank on CPU too: DeepSpeed
         reads a missing one (CPU devices have no index) as "not distributed" and would train every
@@ -154,6 +159,7 @@ class PerNetworkZeroStrategy(ZeroStrategy):
     def step_network(self, name: str) -> None:
         if self._has_grads.pop(name, False):
             self.engines[name].step()
+            clear_gradient_partitions(self.engines[name])
 
     def grad_norm(self, name: str):
         """The norm DeepSpeed clipped at in the network's last step (before clipping), or None."""
@@ -241,6 +247,47 @@ def build_strategy(cfg: StrategyConfig, micro_batch_size: int, world_size: int, 
         )
     except ImportError as e:
         raise ConfigError(f"strategy.name=zero: {e}") from None
+
+
+def clear_gradient_partitions(engine) -> None:
+    """After a ZeRO-3 step: zero the optimizer's flat buffer of gradient partitions. DeepSpeed 0.19
+    writes a parameter's partition into it only when that parameter's gradient hook fires, and
+    builds each step's gradients from the whole buffer, which it never clears: a weight the step
+    did not use (the audio head in a video-only step, flow.no_audio_rate; the image embedding in a
+    text-to-video one, flow.i2v_rate) would get its last gradient again, step after step. Zeroed,
+    it gets zero, as under ZeRO-2 (stage3.py: partition_grads, _optimizer_step)."""
+    buffer = getattr(getattr(engine, "optimizer", None), "grad_partitions_flat_buffer", None)
+    if buffer is not None:
+        buffer.zero_()
+
+
+def check_resume_layout(checkpoint: str | Path, zero_stage: int | None, world_size: int) -> None:
+    """Before any process group: a checkpoint resumes only under the layout it was written with.
+    DeepSpeed reads a ZeRO checkpoint only under its own stage and, for ZeRO-3, its own number of
+    ranks (otherwise a bare AssertionError from inside its loader), and a single-file checkpoint
+    is not a ZeRO one. zero_stage: None when the run does not use ZeRO."""
+    path = Path(checkpoint)
+    optim = sorted(path.rglob("*zero_pp_rank_*_optim_states.pt")) if path.is_dir() else []
+    if zero_stage is None:
+        if optim:
+            raise ConfigError(f"resume={path}: a DeepSpeed ZeRO checkpoint; resume it with the strategy it was written with "
+                              "(strategy=zero2 or zero3, or a +cluster preset)")
+        return
+    if not path.is_dir():
+        raise ConfigError(f"resume={path}: a single-file checkpoint, written without ZeRO; resume it without ZeRO "
+                          "(strategy=auto or ddp), or start a new run directory")
+    if not optim:
+        return  # not a layout this check knows: DeepSpeed will say
+    tag = optim[0].parent
+    saved_world = len(list(tag.glob("*zero_pp_rank_*_optim_states.pt")))
+    saved_stage = 3 if any(tag.glob("zero_pp_rank_*_model_states.pt")) else 2
+    if (saved_stage, saved_world) != (zero_stage, world_size):
+        raise ConfigError(
+            f"resume={path}: written under ZeRO-{saved_stage} by {saved_world} rank(s), and this run is ZeRO-{zero_stage} "
+            f"on {world_size}; DeepSpeed resumes a checkpoint under its own stage and number of ranks. Resume with "
+            f"strategy=zero{saved_stage} on {saved_world} GPU(s), or start a new run directory from its weights "
+            f"(the export, or DeepSpeed's zero_to_fp32.py in the checkpoint)"
+        )
 
 
 def optimizer_offloaded(strategy) -> bool:

@@ -4,9 +4,9 @@
 #
 #   here, once:  .venv/bin/python bench/device/wheels.py  # .whl/: the wheels the device image lacks (~61 MiB)
 #   here, once:  .venv/bin/python bench/device/trim_reference.py  # .ref/anchor.py: the team's reference block, trimmed
-#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 420 (limits 380 s; lease 4, H100: 357 s with sampling, which SAMPLE=1 now asks for)
+#   call 1:      bash bench/device/check.sh perf     # carry [".whl", ".ref"], timeout_s 460 (limits 420 s; lease 4, H100: 357 s with sampling, which SAMPLE=1 now asks for)
 #   call 2:      bash bench/device/check.sh presets zero2 distill  # carry [".whl"], timeout_s: what is left (distill alone: 420 s at its limits, about 250 expected)
-#   or call 2:   bash bench/device/check.sh sparse   # carry [".whl"]: the 1080p student with windowed video attention (limit 300 s)
+#   or call 2:   bash bench/device/check.sh sparse   # carry [".whl"]: the 1080p student with windowed video attention (limit 300 s, timeout_s 330)
 #                (presets zero2|zero3 [both|pretrain|distill]; distill alone starts from a teacher
 #                pretrained for one uncompiled step: its quality does not matter for memory and time)
 #   results:     $OUT/*.json, *.md, *.csv, log.txt -> bench/results/ (name them by date, device and lease)
@@ -73,7 +73,7 @@ $PY -c "import torch, lightning, deepspeed, hydra, omegaconf, wandb, av, webdata
 # numbers are an H100's. The proxy's "of ref. block" is then taken against this card's number.
 reference_block() {
     if [ -z "$rehearse" ] && [ -f .ref/anchor.py ]; then
-        step 50 reference_block $PY .ref/anchor.py
+        step 90 reference_block $PY .ref/anchor.py  # 39-47 s in leases 1-4, rising; a kill keeps the cases done
     fi
 }
 
@@ -83,7 +83,9 @@ if [ "$part" = perf ]; then
         FP8=(tensorwise)  # the CPU's _scaled_mm takes one scale per tensor only
     else
         # 10 timed steps: one EMA fold (every 10 steps) in the window
-        PROXY=(--preset proxy --steps 10 --warmup 3) T16=16384 HH1080=(--clips 1920x1080x5 --repeats 1)
+        # sampling: 3 and 7 layers, 3 repeats each (extrapolated to 40 layers, the two-depth line
+        # multiplies timing noise by ~12, ~25 with 3 and 5; sample.py refuses a negative fixed part)
+        PROXY=(--preset proxy --steps 10 --warmup 3) T16=16384 HH1080=(--clips 1920x1080x5 --repeats 3 --depths 1 5)
         read -ra FP8 <<< "${FP8_RECIPES:-tensorwise}"
     fi
     reference_block
@@ -106,7 +108,7 @@ if [ "$part" = perf ]; then
     # 40, bf16 then FP8 block matmuls (H200: 62.8 s bf16 in lease 2, 59.3 s FP8 in lease 3).
     # Measured on the H100 in lease 4 (64.04 s bf16, 57.97 s FP8): SAMPLE=1 to measure it again.
     if [ -n "$rehearse" ] || [ -n "${SAMPLE:-}" ]; then
-        step 150 sample $PY bench/sample.py "${HH1080[@]}" --compile --float8 none tensorwise --out "$OUT"
+        step 240 sample $PY bench/sample.py "${HH1080[@]}" --compile --float8 none tensorwise --out "$OUT"
     fi
     exit 0
 fi
@@ -116,7 +118,7 @@ if [ "$part" = sparse ]; then
     # video pairs (model/window.py, FlexAttention). Dense first, as this call's baseline; the
     # blocks' matmuls in FP8 (tensorwise: 59.3 s dense in lease 3). Each window compiles its own
     # block graphs (FlexAttention's kernel); the bench rewrites its result after each row.
-    HH1080=(--clips 1920x1080x5 --repeats 1)
+    HH1080=(--clips 1920x1080x5 --repeats 2)
     [ -n "$rehearse" ] && HH1080=(--preset tiny --clips 256x256x3 --repeats 1 --device cpu)
     # recompiles logged: each window adds block graphs, and fullgraph stops at the variant limit
     step 300 sample_window env TORCH_LOGS=recompiles $PY bench/sample.py "${HH1080[@]}" --compile --float8 tensorwise --video-window none 3 2 --tag _window --out "$OUT"

@@ -2,10 +2,10 @@
 .ref/anchor.py, so the reference block is re-measured on the lent card in the same lease as our
 own numbers (a lent card may be an H200, and the reference numbers are an H100's).
 
-The copy keeps the reference's code as it is (matmul peak, the Block, block_bench) and only leaves
-out the SDPA backend sweep and all but two block cases: the 16K-token compiled training step that
-issue 7's MFU target is relative to, and the 63K-token (5 s 1080p) forward that the sampling
-latency target is derived from. Run here, before the device call that carries .ref/:
+The copy keeps the reference's code as it is (matmul peak, the Block, block_bench). It leaves
+out the SDPA backend sweep and all block cases but two: the 16K-token compiled training step
+that issue 7's MFU target is relative to, and the 63K-token (5 s 1080p) forward that the
+sampling latency target is derived from. It writes its JSON after each case. Run here, before the device call that carries .ref/:
 
     python bench/device/trim_reference.py [path/to/reference_block.py]
 """
@@ -25,6 +25,12 @@ def trim(source: str) -> str:
     if len(loop.findall(source)) != 1:
         raise SystemExit("reference_block.py: the block-case loop changed; update trim()")
     source = loop.sub(lambda _: f"for d, h, N, train, comp in {CASES}:\n", source)
+    # The results after each case, not only at the end: a case killed at its time limit keeps
+    # the ones before it (the 16K training case, which the proxy's "of ref. block" is taken against).
+    record = '        res[key + "_ms"] = t; res[key + "_tflops"] = tf\n'
+    if source.count(record) != 1:
+        raise SystemExit("reference_block.py: the per-case result lines changed; update trim()")
+    source = source.replace(record, record + '        json.dump(res, open(os.path.join(os.environ.get("OUT", "/tmp"), "anchor.json"), "w"), indent=1)\n')
     source = "# Trimmed by bench/device/trim_reference.py: no SDPA sweep, two block cases.\n" + source
     compile(source, "anchor.py", "exec")
     return source
