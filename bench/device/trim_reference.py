@@ -5,7 +5,8 @@ own numbers (a lent card may be an H200, and the reference numbers are an H100's
 The copy keeps the reference's code as it is (matmul peak, the Block, block_bench). It leaves
 out the SDPA backend sweep and all block cases but two: the 16K-token compiled training step
 that issue 7's MFU target is relative to, and the 63K-token (5 s 1080p) forward that the
-sampling latency target is derived from. It writes its JSON after each case. Run here, before the device call that carries .ref/:
+sampling latency target is derived from. It writes its JSON after each case. Run here, before
+the device call that carries .ref/:
 
     python bench/device/trim_reference.py [path/to/reference_block.py]
 """
