@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_pretrain_e2e import ROOT, losses, run_overrides
+from tests.test_pretrain_e2e import ROOT, losses, metric, run_overrides
 from tests.test_pretrain_e2e import shards  # noqa: F401  (module fixture: 4 shards, for 2 ranks)
 from train.checkpoint import read_weights
 
@@ -90,6 +90,7 @@ def test_zero_two_processes_train_checkpoint_and_resume_exactly(stage, shards, s
         assert {f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names or \
             {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= names
     assert sorted((straight / "samples").glob("*.mp4"))  # sampling at the end (ZeRO-3: all ranks join)
+    assert metric(straight, "train/skipped_steps") == {step: 0.0 for step in range(4)}  # DeepSpeed's overflow skips, logged
 
     resumed = tmp_path / "resumed"
     pretrain(resumed, shards, 2, f"strategy={stage}", *STRAIGHT)

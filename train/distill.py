@@ -333,6 +333,7 @@ class DistillModule(L.LightningModule):
                 if zero is not None:  # the engine clips and steps
                     zero.step_network("student")
                     stats["grad_norm/student"] = zero.grad_norm("student")
+                    stats["skipped_steps/student"] = host_scalar(zero.skipped_steps("student"))
                 else:
                     stats["grad_norm/student"] = self._clip(opt.optimizer, self.student.parameters())
                     opt.optimizer.step()  # the raw optimizer: Lightning counts only the critic's steps
@@ -372,6 +373,7 @@ class DistillModule(L.LightningModule):
             release(opt.optimizer)
             if zero is not None and finite:
                 stats["grad_norm/critic"] = zero.grad_norm("critic")
+                stats["skipped_steps/critic"] = host_scalar(zero.skipped_steps("critic"))
             opt.zero_grad(set_to_none=True)
         for name, value in {**stats, **losses}.items():
             if value is None:

@@ -196,6 +196,8 @@ class PretrainModule(L.LightningModule):
         grad_norm = engine.get_global_grad_norm() if engine is not None else None
         if grad_norm is not None:  # DeepSpeed keeps gradients in its own buffers (p.grad is None above)
             self.log("train/grad_norm", loggable(grad_norm))
+        if engine is not None:  # steps DeepSpeed itself skipped on a gradient overflow (inf/NaN), in total
+            self.log("train/skipped_steps", host_scalar(engine.skipped_steps))
         skips = getattr(self.trainer.datamodule, "skip_counts", None) if self.trainer.datamodule else None
         for reason, count in (skips() if skips else {}).items():
             self.log(f"data/skipped_{reason}", host_scalar(count))

@@ -165,6 +165,10 @@ class PerNetworkZeroStrategy(ZeroStrategy):
         """The norm DeepSpeed clipped at in the network's last step (before clipping), or None."""
         return self.engines[name].get_global_grad_norm()
 
+    def skipped_steps(self, name: str) -> int:
+        """Steps of the network's engine that DeepSpeed skipped on a gradient overflow (inf/NaN), in total."""
+        return int(self.engines[name].skipped_steps)
+
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
         closure()  # manual optimisation: nothing to compute here
         self.step_network(self._name_of_optimizer[id(optimizer)])
