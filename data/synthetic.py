@@ -13,11 +13,11 @@ import math
 import os
 import sys
 import time
-import uuid
 
 import numpy as np
 import webdataset as wds
 
+from data.atomic import written_whole
 from data.config import SyntheticConfig
 from data.encode import encode_av
 from data.synthetic_captions import caption
@@ -76,29 +76,24 @@ def synthetic_shard_paths(cfg: SyntheticConfig, out_dir: str) -> list[str]:
 
 def write_synthetic_shards(cfg: SyntheticConfig, out_dir: str, only_missing: bool = False) -> list[str]:
     """Write cfg.num_clips clips into synthetic_shard_paths(cfg, out_dir); with only_missing, the
-    shards not there yet (a write that was cut short goes on). Each shard is written under a
-    temporary name of its own and renamed when complete, so a reader never sees half a shard and
-    ranks that write the same (deterministic) set at once do not collide. Returns the shard paths."""
+    shards not there yet (a write that was cut short goes on). Each file is written whole
+    (data/atomic.py): a reader never sees half a shard, and ranks that write the same
+    (deterministic) set at once do not collide. Returns the shard paths."""
     os.makedirs(out_dir, exist_ok=True)
     paths = synthetic_shard_paths(cfg, out_dir)
     # What the set is made from, before any shard: train/datamodule.prepare_synthetic completes a
     # set only if it was begun with the same config.
-    record = os.path.join(out_dir, SYNTHETIC_RECORD)
-    partial = f"{record}.{uuid.uuid4().hex[:12]}.tmp"
-    with open(partial, "w") as f:
+    with written_whole(os.path.join(out_dir, SYNTHETIC_RECORD)) as partial, open(partial, "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
-    os.replace(partial, record)
     for shard, path in enumerate(paths):
         if only_missing and os.path.exists(path):
             continue
-        partial = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-        with wds.TarWriter(partial, mtime=0) as tar:  # fixed mtime: same seed, same bytes
+        with written_whole(path) as partial, wds.TarWriter(partial, mtime=0) as tar:  # fixed mtime: same seed, same bytes
             first = shard * cfg.clips_per_shard
             for index in range(first, min(first + cfg.clips_per_shard, cfg.num_clips)):
                 media, meta = synthetic_clip(cfg, index)
                 tar.write({"__key__": f"{cfg.prefix}_{index:06d}", "mp4": media,
                            "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")})
-        os.replace(partial, path)
     return paths
 
 

@@ -104,7 +104,7 @@ def test_ema_tracks_the_weights_and_is_used_for_export(tmp_path):
     s = module.ema.named_weights()["blocks.1.weights.shared.qkv.weight"]
     assert not torch.equal(w.detach(), s) and (w.detach() - s).abs().max() < (w.detach()).abs().max()
     path = export_safetensors(tmp_path / "m.safetensors", module.ema.named_weights(), module.meta, 6, "ema")
-    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # written through m.safetensors.partial, renamed
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # written through a .partial file, renamed
     model, codec, meta, step = load_generator(path)
     assert step == 6 and meta["text_len"] == 16 and codec.config() == module.codec.config()
     torch.testing.assert_close(dict(model.named_parameters())["blocks.1.weights.shared.qkv.weight"], s)

@@ -7,7 +7,6 @@ import glob
 import json
 import re
 import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data.atomic import written_whole
 from model import AVTransformer, ModelArgs
 from model.window import VideoWindow
 from train.codec import PatchCodec
@@ -81,9 +81,9 @@ def replace_directory_atomically(path: Path, write, barrier, is_rank_zero: bool)
 
 class SameDirectoryCheckpointIO(TorchCheckpointIO):
     """Lightning's single-file checkpoints (DDP, one process), written whole or not at all: into a
-    temporary file next to the target, then renamed over it. Lightning's own writer stages the
-    file in $TMPDIR (fsspec's transaction), and a rename from a local /tmp into a shared run
-    directory is a copy: a kill during it left a torn last.ckpt, the newest file, which
+    temporary file next to the target, then renamed over it (data/atomic.py). Lightning's own
+    writer stages the file in $TMPDIR (fsspec's transaction), and a rename from a local /tmp into
+    a shared run directory is a copy: a kill during it left a torn last.ckpt, the newest file, which
     resume=auto would take. A leftover of a killed save is no `*.ckpt` (resume=auto never reads
     it) and the next save of that checkpoint removes it."""
 
@@ -94,9 +94,8 @@ class SameDirectoryCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         for leftover in path.parent.glob(f"{glob.escape(path.name)}.*.partial"):
             leftover.unlink(missing_ok=True)
-        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}.partial")
-        torch.save(checkpoint, partial)
-        partial.replace(path)
+        with written_whole(path) as partial:
+            torch.save(checkpoint, partial)
 
 
 def prune_checkpoints(directory: Path, keep: int) -> list[Path]:
@@ -129,11 +128,10 @@ def export_safetensors(path, weights: dict[str, torch.Tensor], meta: dict, step:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {clean_name(k): v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    # Through a temporary file: a run killed while writing 30 GB leaves the previous export (or
-    # none), not a torn file that a later `sample` or `distill` would fail on.
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"avgen": json.dumps(meta), "step": str(step), "weights": source})
-    partial.replace(path)
+    # Whole or not at all: a run killed while writing 30 GB leaves the previous export (or none),
+    # not a torn file that a later `sample` or `distill` would fail on.
+    with written_whole(path) as partial:
+        save_file(tensors, partial, metadata={"avgen": json.dumps(meta), "step": str(step), "weights": source})
     return path
 
 

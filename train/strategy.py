@@ -64,8 +64,8 @@ class ZeroStrategy(DeepSpeedStrategy):
         last.ckpt overwrites its files in place: a run killed mid-save (kill -9, a node lost, the
         scheduler's hard kill after the preemption grace) would leave a torn or half-new newest
         checkpoint, which resume=auto picks and cannot load (or loads mixed). So it is written
-        whole or not at all (replace_directory_atomically); Lightning's single-file checkpoints
-        already are (an fsspec transaction: a temporary file, then a rename)."""
+        whole or not at all (replace_directory_atomically), as the single-file checkpoints of the
+        other strategies are (train/checkpoint.SameDirectoryCheckpointIO)."""
         filepath = Path(self.broadcast(str(filepath)))
         replace_directory_atomically(filepath, lambda path: self._write_checkpoint(checkpoint, path, storage_options),
                                      self.barrier, self.is_global_zero)

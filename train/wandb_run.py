@@ -9,6 +9,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from data.atomic import written_whole
+
 
 def build_loggers(cfg: DictConfig, run_dir: Path, resolved_config: dict, resuming: bool) -> list:
     """W&B plus a plain CSV copy of the metrics (<run_dir>/metrics/version_N/metrics.csv, one
@@ -52,7 +54,7 @@ def wandb_run_id(run_dir: Path) -> str | None:
     whose id is kept in <run_dir>/wandb_run_id. Only global rank 0 logs to W&B, so only it makes
     the id: under srun or torchrun every rank starts at once, and ranks that each wrote an id of
     their own could leave another rank's in the file (the next start would then open a new run).
-    The file is written whole (a temporary name, then a rename). Other ranks get the id if it is
+    The file is written whole (data/atomic.py). Other ranks get the id if it is
     there, else None (they never open the run)."""
     id_file = run_dir / "wandb_run_id"
     if id_file.is_file():
@@ -60,7 +62,6 @@ def wandb_run_id(run_dir: Path) -> str | None:
     if rank_zero_only.rank != 0:
         return None
     run_id = uuid.uuid4().hex[:12]
-    partial = id_file.with_name(f"{id_file.name}.{run_id}.tmp")
-    partial.write_text(run_id)
-    partial.replace(id_file)
+    with written_whole(id_file) as partial:
+        Path(partial).write_text(run_id)
     return run_id
